@@ -1,0 +1,14 @@
+"""Exact gradient accumulation for Keras 3 on TensorFlow."""
+
+from keras_accum import loss_normalisers as _loss_normalisers  # noqa: F401
+from keras_accum.accumulating_model import AccumulatingModel
+from keras_accum.accumulating_model import wrap
+from keras_accum.flush_callback import ApplyAccumulatedGradients
+from keras_accum.version import __version__
+
+__all__ = [
+    "AccumulatingModel",
+    "ApplyAccumulatedGradients",
+    "wrap",
+    "__version__",
+]

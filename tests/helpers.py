@@ -1,0 +1,104 @@
+"""Models, data and reference training shared by the exactness tests."""
+
+import keras
+import numpy as np
+
+from keras_accum.accumulating_model import FunctionalAccumulatingModel
+
+# Float64 round-off of a few hundred updates; the naive averaging that the
+# tests must reject is off by 1e-4 to 1e-2.
+RTOL = 1e-9
+
+
+def relative_error(weights, reference):
+    """Max over tensors of ||w - r|| / ||r||."""
+    errors = []
+    for w, r in zip(weights, reference):
+        w, r = np.asarray(w, np.float64), np.asarray(r, np.float64)
+        errors.append(np.linalg.norm(w - r) / max(np.linalg.norm(r), 1e-300))
+    return max(errors)
+
+
+def regression_data(n=1000, features=5, outputs=1, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features))
+    y = x @ rng.normal(size=(features, outputs)) + 0.1 * rng.normal(
+        size=(n, outputs)
+    )
+    return x, y
+
+
+def dense_graph(features=5, outputs=1, hidden=8, regularizer=None):
+    """Inputs and outputs of a small MLP with a fixed initialisation."""
+    inputs = keras.Input((features,))
+    hidden_layer = keras.layers.Dense(
+        hidden,
+        activation="tanh",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=1),
+        kernel_regularizer=regularizer,
+    )
+    output_layer = keras.layers.Dense(
+        outputs, kernel_initializer=keras.initializers.GlorotUniform(seed=2)
+    )
+    return inputs, output_layer(hidden_layer(inputs))
+
+
+def make_optimizer(name):
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=0.01)
+    raise ValueError(name)
+
+
+def windows(n, batch_size, accumulate):
+    """Example index ranges `[start, stop)` of each window of one epoch."""
+    batch_starts = list(range(0, n, batch_size))
+    step = len(batch_starts) if accumulate == "epoch" else accumulate
+    result = []
+    for first in range(0, len(batch_starts), step):
+        start = batch_starts[first]
+        last = min(first + step, len(batch_starts))
+        stop = batch_starts[last] if last < len(batch_starts) else n
+        result.append((start, stop))
+    return result
+
+
+def big_batch_reference(
+    model,
+    x,
+    y,
+    batch_size,
+    accumulate,
+    epochs,
+    sample_weight=None,
+    class_weight=None,
+):
+    """Trains a plain model with one big batch per window, in order.
+
+    Returns:
+        The model's weights after training.
+    """
+    n = len(x)
+    for _ in range(epochs):
+        for start, stop in windows(n, batch_size, accumulate):
+            sw = None if sample_weight is None else sample_weight[start:stop]
+            if class_weight is not None:
+                labels = np.asarray(y[start:stop]).reshape(-1).astype(int)
+                cw = np.array([class_weight[c] for c in labels])
+                sw = cw if sw is None else sw * cw
+            model.train_on_batch(x[start:stop], y[start:stop], sample_weight=sw)
+    return [w.numpy() for w in model.weights]
+
+
+class NaiveAveragingModel(FunctionalAccumulatingModel):
+    """Mutant that averages per-step mean gradients (the naive method).
+
+    Exactness tests check that this model misses the big-batch reference by
+    far more than their tolerance, so they can fail.
+    """
+
+    def _micro_batch_weight(self, terms, batch_size, loss):
+        import tensorflow as tf
+
+        return tf.ones((), loss.dtype), True

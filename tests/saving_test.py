@@ -1,0 +1,100 @@
+"""`.keras` save/load, resuming after a load, and `model.export`."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_accum
+from keras_accum import AccumulatingModel
+from tests import helpers
+from tests.helpers import RTOL
+
+
+def _fit(model, x, y, epochs, initial_epoch=0):
+    model.fit(x, y, batch_size=64, epochs=epochs, initial_epoch=initial_epoch,
+              shuffle=False, verbose=0)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("accumulate", ["epoch", 3])
+def test_save_load_resume_equals_uninterrupted(tmp_path, accumulate):
+    x, y = helpers.regression_data(500)
+    model = AccumulatingModel(*helpers.dense_graph(), accumulate=accumulate,
+                              reduction="mean")
+    model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse",
+                  metrics=["mae"])
+    _fit(model, x, y, epochs=2)
+    path = tmp_path / "model.keras"
+    model.save(path)
+
+    restored = keras.models.load_model(path)
+    assert isinstance(restored, AccumulatingModel)
+    assert restored.accumulate == accumulate
+    assert restored.reduction == "mean"
+    assert int(restored.optimizer.iterations.numpy()) == int(
+        model.optimizer.iterations.numpy()
+    )
+    _fit(restored, x, y, epochs=4, initial_epoch=2)
+
+    uninterrupted = AccumulatingModel(*helpers.dense_graph(),
+                                      accumulate=accumulate)
+    uninterrupted.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+    _fit(uninterrupted, x, y, epochs=4)
+    error = helpers.relative_error(restored.get_weights(),
+                                   uninterrupted.get_weights())
+    assert error <= RTOL
+
+
+def test_subclassed_model_round_trips(tmp_path):
+    @keras.saving.register_keras_serializable(package="keras_accum_tests")
+    class Net(AccumulatingModel):
+        def __init__(self, units=4, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+            self.dense = keras.layers.Dense(units)
+
+        def call(self, inputs):
+            return self.dense(inputs)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units}
+
+    model = Net(units=3, accumulate=5, reduction="sum")
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((8, 2), "float32")
+    model.fit(x, np.zeros((8, 3), "float32"), epochs=1, verbose=0)
+    model.save(tmp_path / "net.keras")
+    restored = keras.models.load_model(tmp_path / "net.keras")
+    assert type(restored).__name__ == "Net"
+    assert (restored.accumulate, restored.reduction) == (5, "sum")
+    np.testing.assert_allclose(restored.predict(x, verbose=0),
+                               model.predict(x, verbose=0))
+
+
+def test_wrapped_model_round_trips(tmp_path):
+    base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model = keras_accum.wrap(base, accumulate=2)
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)
+    model.save(tmp_path / "wrapped.keras")
+    restored = keras.models.load_model(tmp_path / "wrapped.keras")
+    assert isinstance(restored, AccumulatingModel)
+    assert restored.accumulate == 2
+
+
+def test_export_serves_predictions(tmp_path):
+    model = AccumulatingModel(*helpers.dense_graph(), accumulate=4)
+    model.compile(optimizer="adam", loss="mse")
+    x, y = helpers.regression_data(128)
+    x, y = x.astype("float32"), y.astype("float32")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    model.export(str(tmp_path / "export"))
+    served = tf.saved_model.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(
+        served.serve(tf.constant(x[:5])).numpy(),
+        model.predict(x[:5], verbose=0),
+        rtol=1e-6,
+    )
+    names = [v.name for v in served.variables]
+    assert not any("accumulator" in name for name in names)
