@@ -6,6 +6,7 @@ from keras.src.losses import loss as keras_loss_module
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 
+from keras_accum import distribute_utils
 from keras_accum import validation
 from keras_accum.accumulators import GradientAccumulator
 from keras_accum.flush_callback import ApplyAccumulatedGradients
@@ -217,12 +218,14 @@ class AccumulatingModel(keras.Model):
             gradients, weight if divides else tf.zeros((), loss.dtype)
         )
         if self._accumulate != validation.EPOCH:
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                self._apply_when_window_full,
-                self.distribute_strategy,
+            self._apply_window_when(
+                lambda: self._accumulator.mini_step.value >= self._accumulate,
                 divides,
             )
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if distribute_utils.is_multi_worker(self.distribute_strategy):
+            logs = distribute_utils.rank_one_logs(logs)
+        return logs
 
     def _micro_batch_weight(self, terms, batch_size, loss):
         """The micro-batch's share of the window's loss normaliser.
@@ -251,19 +254,22 @@ class AccumulatingModel(keras.Model):
         """Loss whose gradient is the micro-batch's term of the window sum."""
         if self._reduction == "sum":
             return loss
-        # Weight regularisation is constant within a window: it is removed
-        # here and its gradient added once when the window is applied.
+        if divides:
+            # Keras divides each replica's mean loss by the replica count;
+            # undo it so the weighted replica losses add up to the window's
+            # sum. Regularisation losses in `loss` get the same weight, so
+            # after division by the window's normaliser they count once.
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            return loss * weight * tf.cast(replicas, loss.dtype)
+        # Summed losses have no normaliser to divide regularisation by:
+        # keep it in the window's first micro-batch only.
         regularisation = self._weight_regularisation_loss(loss.dtype)
-        if regularisation is not None:
-            loss = loss - keras_loss_module.scale_loss_for_distribution(
-                regularisation
-            )
-        if not divides:
+        if regularisation is None:
             return loss
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        # Keras divides each replica's mean loss by the replica count; undo it
-        # so replica sums of weighted losses add up to the global window sum.
-        return loss * weight * tf.cast(replicas, loss.dtype)
+        later = tf.cast(self._accumulator.mini_step.value > 0, loss.dtype)
+        return loss - later * keras_loss_module.scale_loss_for_distribution(
+            regularisation
+        )
 
     def _weight_regularisation_loss(self, dtype):
         losses = self._get_regularization_losses()
@@ -279,45 +285,59 @@ class AccumulatingModel(keras.Model):
             None if g is None else g / tf.cast(scale, g.dtype) for g in gradients
         ]
 
-    def _apply_when_window_full(self, strategy, divides):
-        del strategy  # Cross-replica context, or one replica per strategy.
-        window_full = self._accumulator.mini_step >= self._accumulate
-        tf.cond(
-            window_full,
-            lambda: self._apply_window(divides),
-            lambda: tf.no_op(),
+    def _apply_window_when(self, condition, divides):
+        """Applies the window if `condition()` holds (call in replica context).
+
+        Strategies that use merge calls (`MirroredStrategy`) may not merge
+        inside a `tf.cond` branch, so the merge call runs unconditionally and
+        the condition is checked in cross-replica context, where the window
+        is applied through `strategy.run`. Other strategies (multi-worker,
+        TPU, the default one) apply directly in replica context.
+        """
+
+        def apply_if(strategy):
+            tf.cond(
+                condition(),
+                lambda: self._apply_window(strategy, divides),
+                lambda: tf.no_op(),
+            )
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            apply_if, tf.distribute.get_strategy()
         )
 
-    def _apply_window(self, divides):
-        """Applies the window's gradient and zeroes the accumulators."""
+    def _apply_window(self, strategy, divides):
+        """Divides by the window's normaliser, then applies the gradient."""
+        normaliser = None
+        if divides:
+            # The only reduction besides the optimizer's own all-reduce of
+            # the gradients: one scalar, the window's normaliser.
+            normaliser = distribute_utils.sum_across_replicas(
+                strategy, self._accumulator.normaliser
+            )
+        if tf.distribute.in_cross_replica_context():
+            strategy.run(self._apply_local_sums, args=(normaliser,))
+        else:
+            self._apply_local_sums(normaliser)
+        return tf.no_op()
+
+    def _apply_local_sums(self, normaliser):
+        """Applies this replica's sums; the optimizer all-reduces them.
+
+        Replica context. Each replica passes its local gradient sum divided
+        by the global normaliser; the optimizer's `SUM` all-reduce of those
+        is the window's gradient, one all-reduce per update.
+        """
         accumulator = self._accumulator
         gradients = [tf.convert_to_tensor(a.value) for a in accumulator.gradients]
-        if divides:
-            normaliser = tf.convert_to_tensor(accumulator.normaliser.value)
+        if normaliser is not None:
             gradients = [
                 tf.math.divide_no_nan(g, tf.cast(normaliser, g.dtype))
                 for g in gradients
             ]
-        if self._reduction == "mean":
-            gradients = self._add_regularisation_gradients(gradients)
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         optimizer.apply(gradients, self.trainable_variables)
         accumulator.reset()
-        return tf.no_op()
-
-    def _add_regularisation_gradients(self, gradients):
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            regularisation = self._weight_regularisation_loss(
-                gradients[0].dtype if gradients else "float32"
-            )
-        if regularisation is None:
-            return gradients
-        extra = tape.gradient(regularisation, variables)
-        return [
-            g if e is None else g + tf.cast(e, g.dtype)
-            for g, e in zip(gradients, extra)
-        ]
 
     def apply_accumulated_gradients(self):
         """Applies the gradient accumulated so far, if any, and resets.
@@ -337,15 +357,13 @@ class AccumulatingModel(keras.Model):
 
             @tf.function
             def apply_function(divides):
-                tf.cond(
-                    accumulator.mini_step.value > 0,
-                    lambda: self._apply_window(divides),
-                    lambda: tf.no_op(),
+                self.distribute_strategy.run(
+                    self._apply_window_when,
+                    args=(lambda: accumulator.mini_step.value > 0, divides),
                 )
 
             accumulator.apply_function = apply_function
-        with self.distribute_strategy.scope():
-            accumulator.apply_function(self._window_divides)
+        accumulator.apply_function(self._window_divides)
 
     def reset_accumulated_gradients(self):
         """Discards the gradient accumulated in the current window.
