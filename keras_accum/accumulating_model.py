@@ -165,6 +165,26 @@ class AccumulatingModel(keras.Model):
                 self._build_accumulation_state()
         return super().make_train_function(force=force)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras learns input shapes by reducing a distributed batch across
+        # replicas, which fails under MultiWorkerMirroredStrategy
+        # (keras-team/keras#20585); one replica's batch has the same shapes.
+        strategy = self._distribute_strategy
+        if (
+            iterator is not None
+            and strategy is not None
+            and distribute_utils.is_multi_worker(strategy)
+        ):
+            for _, _, batches in iterator:
+                data_batch = distribute_utils.first_local_batch(
+                    strategy, next(batches)
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(
+            iterator=iterator, data_batch=data_batch
+        )
+
     def _all_layers_built(self):
         return all(layer.built for layer in self._flatten_layers())
 

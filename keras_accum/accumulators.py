@@ -105,7 +105,10 @@ class GradientAccumulator:
         for variable in self.gradients + [self.normaliser, self.mini_step]:
             # Assigning a constant: reading an on-read variable in
             # cross-replica context would sum the replicas first.
-            variable.value.assign(tf.zeros(variable.shape, variable.dtype))
+            # (and `read_value=False`: returning the new value would too).
+            variable.value.assign(
+                tf.zeros(variable.shape, variable.dtype), read_value=False
+            )
 
     @property
     def variables(self):

@@ -1,0 +1,240 @@
+"""Exact accumulation under real `tf.distribute` strategies.
+
+`MirroredStrategy` runs over the logical CPU devices that `conftest.py`
+configures; `MultiWorkerMirroredStrategy` runs as two worker processes on
+127.0.0.1. Every case compares with a plain single-device model trained on
+one big batch per window.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_accum import AccumulatingModel
+from tests import distribution_cases as cases
+from tests import helpers
+from tests.helpers import RTOL
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ReductionCounter:
+    """Counts the in-graph reductions `ReductionToOneDevice` executes.
+
+    Installed on the class, it also sees the instances `MirroredStrategy`
+    creates for itself (it reduces single host values through a fresh
+    `ReductionToOneDevice`). The counters are variables incremented by ops
+    placed next to each reduction, so they count executions (a reduction in
+    an untaken `tf.cond` branch is not counted), not traces. Eager
+    reductions are Keras reading metric state for its logs once per epoch,
+    as plain `fit` does; they are left out.
+    """
+
+    def __init__(self, monkeypatch):
+        self.calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.tensors = tf.Variable(0, dtype=tf.int64, trainable=False)
+        cls = tf.distribute.ReductionToOneDevice
+        reduce, batch_reduce = cls.reduce, cls.batch_reduce
+        counter = self
+
+        def count(tensors):
+            if not tf.executing_eagerly():
+                counter.calls.assign_add(1)
+                counter.tensors.assign_add(tensors)
+
+        def counting_reduce(self, reduce_op, value, destinations, options=None):
+            count(1)
+            return reduce(self, reduce_op, value, destinations, options)
+
+        def counting_batch_reduce(self, reduce_op, pairs, options=None):
+            count(len(pairs))
+            return batch_reduce(self, reduce_op, pairs, options)
+
+        monkeypatch.setattr(cls, "reduce", counting_reduce)
+        monkeypatch.setattr(cls, "batch_reduce", counting_batch_reduce)
+
+
+@pytest.fixture
+def reductions(monkeypatch):
+    return ReductionCounter(monkeypatch)
+
+
+def _mirrored(replicas):
+    # TensorFlow picks collective ops for CPU devices by default; their group
+    # keys clash between strategies of different sizes in one process, so
+    # every test reduces through ReductionToOneDevice.
+    devices = [f"/cpu:{i}" for i in range(replicas)]
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def _dataset(x, y, sample_weight):
+    return tf.data.Dataset.from_tensor_slices((x, y, sample_weight)).batch(
+        cases.GLOBAL_BATCH
+    )
+
+
+def _reference_weights(accumulate):
+    x, y, sample_weight = cases.training_data()
+    reference = keras.Model(*helpers.dense_graph())
+    reference.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+    return helpers.big_batch_reference(
+        reference,
+        x,
+        y,
+        cases.GLOBAL_BATCH,
+        accumulate,
+        cases.EPOCHS,
+        sample_weight=sample_weight,
+    )
+
+
+def _fit_under(strategy, accumulate, model_class=AccumulatingModel, **kwargs):
+    x, y, sample_weight = cases.training_data()
+    with strategy.scope():
+        model = model_class(*helpers.dense_graph(), accumulate=accumulate)
+        model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+    model.fit(_dataset(x, y, sample_weight), epochs=cases.EPOCHS, verbose=0,
+              **kwargs)
+    return model
+
+
+@pytest.mark.usefixtures("float64")
+class TestMirroredStrategy:
+    @pytest.mark.parametrize("replicas", [2, 4])
+    @pytest.mark.parametrize("accumulate", ["epoch", 4])
+    def test_matches_single_device_big_batch(self, replicas, accumulate):
+        model = _fit_under(_mirrored(replicas), accumulate)
+        error = helpers.relative_error(
+            model.get_weights(), _reference_weights(accumulate)
+        )
+        assert error <= RTOL, f"relative error {error:.3g}"
+
+    def test_naive_averaging_fails_the_same_check(self):
+        model = _fit_under(_mirrored(4), 4, helpers.NaiveAveragingModel)
+        error = helpers.relative_error(model.get_weights(),
+                                       _reference_weights(4))
+        assert error > 1e3 * RTOL
+
+    @pytest.mark.parametrize("accumulate", ["epoch", 4])
+    def test_one_gradient_reduction_per_update(self, accumulate, reductions):
+        model = _fit_under(_mirrored(2), accumulate)
+        updates = int(model.optimizer.iterations.numpy())
+        variables = len(model.trainable_variables)
+        # Per update: one batched all-reduce of all the gradients (the
+        # optimizer's) and one of the scalar normaliser. None per micro-step
+        # (16 per epoch).
+        assert int(reductions.calls.numpy()) == 2 * updates
+        assert int(reductions.tensors.numpy()) == (variables + 1) * updates
+
+    def test_counter_sees_plain_training_reduce_every_step(self, reductions):
+        model = _fit_under(_mirrored(2), 1)
+        steps = int(model.optimizer.iterations.numpy())
+        assert steps == cases.EPOCHS * 16
+        assert int(reductions.calls.numpy()) == steps
+
+    def test_save_and_load_under_strategy_resume_exactly(self, tmp_path):
+        x, y, sample_weight = cases.training_data()
+        strategy = _mirrored(2)
+        with strategy.scope():
+            model = AccumulatingModel(*helpers.dense_graph(), accumulate=4)
+            model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+        model.fit(_dataset(x, y, sample_weight), epochs=1, verbose=0)
+        model.save(tmp_path / "model.keras")
+        with strategy.scope():
+            restored = keras.models.load_model(tmp_path / "model.keras")
+        restored.fit(_dataset(x, y, sample_weight), epochs=2, initial_epoch=1,
+                     verbose=0)
+        error = helpers.relative_error(restored.get_weights(),
+                                       _reference_weights(4))
+        assert error <= RTOL
+
+    def test_backup_and_restore_after_interruption(self, tmp_path):
+        x, y, sample_weight = cases.training_data()
+
+        class Interrupt(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if self.model.optimizer.iterations.numpy() == 6:
+                    raise RuntimeError("simulated crash mid-window")
+
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        strategy = _mirrored(2)
+        with strategy.scope():
+            model = AccumulatingModel(*helpers.dense_graph(), accumulate=4)
+            model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            model.fit(_dataset(x, y, sample_weight), epochs=cases.EPOCHS,
+                      verbose=0, callbacks=[backup, Interrupt()])
+        with strategy.scope():
+            resumed = AccumulatingModel(*helpers.dense_graph(), accumulate=4)
+            resumed.compile(optimizer=helpers.make_optimizer("adam"),
+                            loss="mse")
+        resumed.fit(_dataset(x, y, sample_weight), epochs=cases.EPOCHS,
+                    verbose=0, callbacks=[backup])
+        error = helpers.relative_error(resumed.get_weights(),
+                                       _reference_weights(4))
+        assert error <= RTOL
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", ["epoch", 4])
+def test_multi_worker_mirrored_two_processes(tmp_path, accumulate, float64):
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    workers = []
+    for index in range(2):
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
+        workers.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(REPOSITORY, "tests", "multi_worker_main.py"),
+                    str(tmp_path / f"worker{index}.npz"),
+                    str(accumulate),
+                ],
+                env=env,
+                cwd=REPOSITORY,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    try:
+        outputs = [w.communicate(timeout=240)[0].decode() for w in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+
+    results = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
+    weights = [[r[f"arr_{i}"] for i in range(len(r.files) - 1)]
+               for r in results]
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+    error = helpers.relative_error(weights[0], _reference_weights(accumulate))
+    assert error <= RTOL, f"relative error {error:.3g}"
+    windows = len(helpers.windows(cases.N_EXAMPLES, cases.GLOBAL_BATCH,
+                                  accumulate))
+    assert int(results[0]["iterations"]) == cases.EPOCHS * windows
