@@ -1,5 +1,7 @@
 """`AccumulatingModel`: exact gradient accumulation inside `model.fit`."""
 
+import inspect
+
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
@@ -7,15 +9,19 @@ from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 
 from keras_accum import distribute_utils
+from keras_accum import loss_scale
+from keras_accum import objectives
 from keras_accum import validation
 from keras_accum.accumulators import GradientAccumulator
 from keras_accum.flush_callback import ApplyAccumulatedGradients
-from keras_accum.loss_normalisers import SUM
 from keras_accum.loss_normalisers import record_loss_normalisers
+from keras_accum.window_schedule import WindowSchedule
+from keras_accum.window_schedule import accumulate_from_config
 
 # Position of `callbacks` in `keras.Model.fit(x, y, batch_size, epochs,
 # verbose, callbacks, ...)`.
 _FIT_CALLBACKS_POSITION = 5
+_FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")
@@ -85,10 +91,25 @@ class AccumulatingModel(keras.Model):
             )
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, *args, accumulate="epoch", reduction="mean", **kwargs):
+    def __init__(
+        self,
+        *args,
+        accumulate="epoch",
+        reduction="mean",
+        loss_normalisation="shared",
+        on_nonfinite="raise",
+        **kwargs,
+    ):
         validation.require_tensorflow_backend("AccumulatingModel")
-        validation.validate_window(accumulate)
+        schedule = WindowSchedule(accumulate)
         validation.validate_reduction(reduction)
+        validation.validate_choice(
+            loss_normalisation, "loss_normalisation",
+            objectives.LOSS_NORMALISATIONS,
+        )
+        validation.validate_choice(
+            on_nonfinite, "on_nonfinite", validation.NONFINITE_POLICIES
+        )
         if functional_init_arguments(args, kwargs) and not isinstance(
             self, Functional
         ):
@@ -100,22 +121,34 @@ class AccumulatingModel(keras.Model):
                 "`keras_accum.accumulating_model.FunctionalAccumulatingModel`."
             )
         super().__init__(*args, **kwargs)
-        self._accumulate = accumulate
+        self._schedule = schedule
         self._reduction = reduction
+        self._loss_normalisation = loss_normalisation
+        self._on_nonfinite = on_nonfinite
         self._accumulator = GradientAccumulator()
-        # Whether the window's sum is divided by the normaliser sum; decided
-        # when the step is traced, from the reductions of the loss terms.
-        self._window_divides = True
+        # Per loss term, whether the window's sum is divided by its summed
+        # normaliser; decided when the step is traced.
+        self._window_divides = (True,)
 
     @property
     def accumulate(self):
-        """The window: `"epoch"` or the number of mini-batches per update."""
-        return self._accumulate
+        """The window: `"epoch"`, mini-batches per update, or a schedule."""
+        return self._schedule.value
 
     @property
     def reduction(self):
         """`"mean"` (exact big-batch gradient) or `"sum"` (running total)."""
         return self._reduction
+
+    @property
+    def loss_normalisation(self):
+        """`"shared"` (one accumulator set) or `"per_loss"` (one per term)."""
+        return self._loss_normalisation
+
+    @property
+    def on_nonfinite(self):
+        """`"raise"` or `"skip"`: what a non-finite micro-batch gradient does."""
+        return self._on_nonfinite
 
     @property
     def mini_step(self):
@@ -124,12 +157,39 @@ class AccumulatingModel(keras.Model):
             return 0
         return int(self._accumulator.mini_step.numpy())
 
+    @property
+    def skipped_micro_batches(self):
+        """Micro-batches whose non-finite gradients were not accumulated."""
+        if not self._accumulator.built:
+            return 0
+        return int(self._accumulator.skipped.numpy())
+
     def get_config(self):
         config = super().get_config()
-        config.update({"accumulate": self._accumulate, "reduction": self._reduction})
+        config.update(
+            {
+                "accumulate": self._schedule.get_config(),
+                "reduction": self._reduction,
+                "loss_normalisation": self._loss_normalisation,
+                "on_nonfinite": self._on_nonfinite,
+            }
+        )
         return config
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if "accumulate" in config:
+            config["accumulate"] = accumulate_from_config(config["accumulate"])
+        return super().from_config(config, custom_objects=custom_objects)
+
     def compile(self, optimizer="rmsprop", *args, **kwargs):
+        if optimizer is None:
+            raise ValueError(
+                "`AccumulatingModel.compile()` needs an `optimizer`: the "
+                "accumulated gradient is applied by it. Received: "
+                "optimizer=None"
+            )
         optimizer = keras.optimizers.get(optimizer)
         validation.validate_optimizer(optimizer)
         super().compile(optimizer, *args, **kwargs)
@@ -144,21 +204,28 @@ class AccumulatingModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, **kwargs):
+        arguments = _FIT_SIGNATURE.bind(self, *args, **kwargs).arguments
+        callbacks = arguments.get("callbacks")
+        validation.validate_fit_arguments(
+            self._schedule,
+            x=arguments.get("x"),
+            steps_per_epoch=arguments.get("steps_per_epoch"),
+            callbacks=callbacks,
+        )
+        callbacks = _with_flush_callback(callbacks)
         if len(args) > _FIT_CALLBACKS_POSITION:
             args = list(args)
-            args[_FIT_CALLBACKS_POSITION] = _with_flush_callback(
-                args[_FIT_CALLBACKS_POSITION]
-            )
+            args[_FIT_CALLBACKS_POSITION] = callbacks
         else:
-            kwargs["callbacks"] = _with_flush_callback(kwargs.get("callbacks"))
+            kwargs["callbacks"] = callbacks
         return super().fit(*args, **kwargs)
 
     def make_train_function(self, force=False):
         # Under a strategy the model and optimizer are built before the
         # train function is traced; create the accumulators eagerly then.
         if (
-            self._accumulate != 1
-            and self.optimizer is not None
+            self._schedule.value != 1
+            and getattr(self, "optimizer", None) is not None
             and self._all_layers_built()
         ):
             with self.distribute_strategy.scope():
@@ -188,32 +255,55 @@ class AccumulatingModel(keras.Model):
     def _all_layers_built(self):
         return all(layer.built for layer in self._flatten_layers())
 
+    def _loss_terms(self):
+        if self._loss_normalisation == objectives.SHARED:
+            return 1
+        compile_loss = getattr(self, "_compile_loss", None)
+        if compile_loss is None or not compile_loss.built:
+            return None
+        return len(compile_loss._flat_losses)
+
     def _build_accumulation_state(self):
         if self._accumulator.built:
             return
+        if not self.trainable_variables:
+            raise ValueError(
+                "`AccumulatingModel` accumulates the gradients of trainable "
+                "weights, and this model has none (all layers frozen or no "
+                "weights). Received: model with 0 trainable weights"
+            )
+        terms = self._loss_terms()
+        if terms is None:
+            return  # Built on the first trace, once the loss is built.
         if not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
         normaliser_dtype = (
             "float64" if keras.backend.floatx() == "float64" else "float32"
         )
-        self._accumulator.build(self.trainable_variables, normaliser_dtype)
+        self._accumulator.build(
+            self.trainable_variables, normaliser_dtype, terms=terms
+        )
+        self._accumulator.window.assign(self._schedule.window_size(0))
+
+    def _begin_epoch(self, epoch):
+        """Sets the window of `epoch` (called by the flush callback)."""
+        if not self._schedule.is_static and self._accumulator.built:
+            self._accumulator.window.assign(self._schedule.window_size(epoch))
 
     def train_step(self, data):
-        if self._accumulate == 1:
+        if self._schedule.value == 1:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(
             next(i for i in tf.nest.flatten(x) if i is not None)
         )[0]
+        per_loss = self._loss_normalisation == objectives.PER_LOSS
 
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=per_loss) as tape:
             if self._call_has_training_arg:
                 y_pred = self(x, training=True)
             else:
                 y_pred = self(x)
-            # After the forward pass, which builds a subclassed model's
-            # layers on the first trace.
-            self._build_accumulation_state()
             with record_loss_normalisers() as terms:
                 loss = self._compute_loss(
                     x=x,
@@ -222,80 +312,54 @@ class AccumulatingModel(keras.Model):
                     sample_weight=sample_weight,
                     training=True,
                 )
-            weight, divides = self._micro_batch_weight(terms, batch_size, loss)
+            # After the forward pass and the loss, which build a subclassed
+            # model's layers and the compiled loss on the first trace.
+            self._build_accumulation_state()
+            contribution = self._micro_batch_contribution(
+                terms,
+                loss,
+                batch_size,
+                first_in_window=self._accumulator.mini_step.value == 0,
+            )
             self._loss_tracker.update_state(
                 keras_loss_module.unscale_loss_for_distribution(loss),
-                sample_weight=weight if divides else batch_size,
+                sample_weight=contribution.logging_weight,
             )
-            objective = self._micro_batch_objective(loss, weight, divides)
-            objective = self.optimizer.scale_loss(objective)
+            scaled = [
+                self.optimizer.scale_loss(o) for o in contribution.objectives
+            ]
 
         trainable_variables = self.trainable_variables
-        gradients = tape.gradient(objective, trainable_variables)
-        gradients = self._unscale_gradients(gradients)
-        self._window_divides = divides
-        self._accumulator.add(
-            gradients, weight if divides else tf.zeros((), loss.dtype)
-        )
-        if self._accumulate != validation.EPOCH:
-            self._apply_window_when(
-                lambda: self._accumulator.mini_step.value >= self._accumulate,
-                divides,
-            )
+        term_gradients = [
+            self._unscale_gradients(tape.gradient(o, trainable_variables))
+            for o in scaled
+        ]
+        del tape
+        self._window_divides = contribution.divides
+        self._accumulate_if_finite(term_gradients, contribution.normalisers)
+        if self._schedule.value != validation.EPOCH:
+            self._apply_window_when(self._window_is_full, contribution.divides)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if distribute_utils.is_multi_worker(self.distribute_strategy):
             logs = distribute_utils.rank_one_logs(logs)
         return logs
 
-    def _micro_batch_weight(self, terms, batch_size, loss):
-        """The micro-batch's share of the window's loss normaliser.
+    def _micro_batch_contribution(self, terms, loss, batch_size, first_in_window):
+        """What this micro-batch adds to the window (see `objectives`)."""
+        if self._loss_normalisation == objectives.PER_LOSS:
+            contribute = objectives.per_loss_contribution
+        else:
+            contribute = objectives.shared_contribution
+        return contribute(self, terms, loss, batch_size, first_in_window)
 
-        Returns:
-            `(weight, divides)`: the scalar the micro-batch's loss is
-            multiplied by before its gradient is added, and whether the
-            window's gradient sum is divided by the sum of those weights.
-            A loss reduced with `"sum"` has no normaliser, and neither has
-            `reduction="sum"`: both add the plain gradients.
-        """
-        if self._reduction == "sum":
-            return tf.ones((), loss.dtype), False
-        normalisers = [t.normaliser for t in terms if t.normaliser is not None]
-        if normalisers:
-            # One normaliser per micro-batch: exact for a single loss term,
-            # and for several terms whose normalisers are proportional.
-            return tf.stop_gradient(tf.cast(normalisers[0], loss.dtype)), True
-        if terms and all(t.reduction == SUM for t in terms):
-            return tf.ones((), loss.dtype), False
-        # No Keras loss reported a normaliser (e.g. a custom `compute_loss`
-        # returning a mean): weight by examples.
-        return tf.cast(batch_size, loss.dtype), True
-
-    def _micro_batch_objective(self, loss, weight, divides):
-        """Loss whose gradient is the micro-batch's term of the window sum."""
-        if self._reduction == "sum":
-            return loss
-        if divides:
-            # Keras divides each replica's mean loss by the replica count;
-            # undo it so the weighted replica losses add up to the window's
-            # sum. Regularisation losses in `loss` get the same weight, so
-            # after division by the window's normaliser they count once.
-            replicas = self.distribute_strategy.num_replicas_in_sync
-            return loss * weight * tf.cast(replicas, loss.dtype)
-        # Summed losses have no normaliser to divide regularisation by:
-        # keep it in the window's first micro-batch only.
-        regularisation = self._weight_regularisation_loss(loss.dtype)
-        if regularisation is None:
-            return loss
-        later = tf.cast(self._accumulator.mini_step.value > 0, loss.dtype)
-        return loss - later * keras_loss_module.scale_loss_for_distribution(
-            regularisation
+    def _window_is_full(self):
+        accumulator = self._accumulator
+        if self._schedule.is_static:
+            return accumulator.mini_step.value >= self._schedule.value
+        window = accumulator.window.value
+        return tf.logical_and(
+            window > 0, accumulator.mini_step.value >= window
         )
-
-    def _weight_regularisation_loss(self, dtype):
-        losses = self._get_regularization_losses()
-        if not losses:
-            return None
-        return tf.add_n([tf.cast(value, dtype) for value in losses])
 
     def _unscale_gradients(self, gradients):
         scale = getattr(self.optimizer, "dynamic_scale", None)
@@ -304,6 +368,39 @@ class AccumulatingModel(keras.Model):
         return [
             None if g is None else g / tf.cast(scale, g.dtype) for g in gradients
         ]
+
+    def _accumulate_if_finite(self, term_gradients, normalisers):
+        """Adds the micro-batch unless a gradient is not finite.
+
+        A non-finite micro-batch never reaches the accumulators. Under loss
+        scaling (`mixed_float16`) it lowers the loss scale, as
+        `LossScaleOptimizer` does for a step; otherwise it is counted in
+        `skipped`, and the flush callback raises for `on_nonfinite="raise"`.
+        """
+        flat = [
+            g.values if isinstance(g, tf.IndexedSlices) else g
+            for gradients in term_gradients
+            for g in gradients
+            if g is not None
+        ]
+        # One reduction per tensor: a sum is finite iff every element is
+        # (barring overflow of the sum itself).
+        total = tf.add_n(
+            [tf.reduce_sum(tf.cast(g, tf.float32)) for g in flat]
+        )
+        finite = tf.math.is_finite(total)
+        accumulator = self._accumulator
+
+        def add():
+            accumulator.add(term_gradients, normalisers)
+            return tf.no_op()
+
+        def skip():
+            accumulator.skipped.value.assign_add(1, read_value=False)
+            return tf.no_op()
+
+        tf.cond(finite, add, skip)
+        loss_scale.update_dynamic_scale(self.optimizer, finite)
 
     def _apply_window_when(self, condition, divides):
         """Applies the window if `condition()` holds (call in replica context).
@@ -327,34 +424,41 @@ class AccumulatingModel(keras.Model):
         )
 
     def _apply_window(self, strategy, divides):
-        """Divides by the window's normaliser, then applies the gradient."""
-        normaliser = None
-        if divides:
+        """Divides by the window's normalisers, then applies the gradient."""
+        normalisers = None
+        if any(divides):
             # The only reduction besides the optimizer's own all-reduce of
-            # the gradients: one scalar, the window's normaliser.
-            normaliser = distribute_utils.sum_across_replicas(
-                strategy, self._accumulator.normaliser
+            # the gradients: the window's normalisers, one per loss term.
+            normalisers = distribute_utils.sum_across_replicas(
+                strategy, self._accumulator.normalisers
             )
         if tf.distribute.in_cross_replica_context():
-            strategy.run(self._apply_local_sums, args=(normaliser,))
+            strategy.run(self._apply_local_sums, args=(normalisers, divides))
         else:
-            self._apply_local_sums(normaliser)
+            self._apply_local_sums(normalisers, divides)
         return tf.no_op()
 
-    def _apply_local_sums(self, normaliser):
+    def _apply_local_sums(self, normalisers, divides):
         """Applies this replica's sums; the optimizer all-reduces them.
 
-        Replica context. Each replica passes its local gradient sum divided
-        by the global normaliser; the optimizer's `SUM` all-reduce of those
-        is the window's gradient, one all-reduce per update.
+        Replica context. Each replica passes its local gradient sums divided
+        by the global normalisers; the optimizer's `SUM` all-reduce of those
+        is the window's gradient: one all-reduce per update.
         """
         accumulator = self._accumulator
-        gradients = [tf.convert_to_tensor(a.value) for a in accumulator.gradients]
-        if normaliser is not None:
-            gradients = [
-                tf.math.divide_no_nan(g, tf.cast(normaliser, g.dtype))
-                for g in gradients
-            ]
+        gradients = None
+        for term, accumulators in enumerate(accumulator.gradients):
+            term_gradients = [tf.convert_to_tensor(a.value) for a in accumulators]
+            if divides[term]:
+                term_gradients = [
+                    tf.math.divide_no_nan(g, tf.cast(normalisers[term], g.dtype))
+                    for g in term_gradients
+                ]
+            gradients = (
+                term_gradients
+                if gradients is None
+                else [a + b for a, b in zip(gradients, term_gradients)]
+            )
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         optimizer.apply(gradients, self.trainable_variables)
         accumulator.reset()
@@ -405,10 +509,10 @@ class AccumulatingModel(keras.Model):
             if self._all_layers_built():
                 with self.distribute_strategy.scope():
                     self._build_accumulation_state()
-            else:
+            if not self._accumulator.built:
                 raise RuntimeError(
-                    f"`{method}()` needs a built model: call `fit()`, "
-                    "`train_on_batch()` or `build()` first."
+                    f"`{method}()` needs a model that has trained: call "
+                    "`fit()` or `train_on_batch()` first."
                 )
 
 

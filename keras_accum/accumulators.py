@@ -20,96 +20,128 @@ def _slot_name(variable, suffix):
 
 
 class GradientAccumulator:
-    """Running sums of gradients and of the loss normaliser over a window.
+    """Running sums of gradients and of loss normalisers over a window.
 
     One zero, non-trainable variable per trainable weight (named after the
-    weight, ending `_gradient_accumulator`, as Keras names its own), one for
-    the normaliser (examples, valid tokens or sample-weight sum) and the
-    `mini_step` counter of micro-batches in the current window. The object is
-    deliberately not a `keras.layers.Layer`, so the model does not track these
-    variables: `model.weights`, `get_weights()` and saved weights are exactly
-    those of the user's layers.
+    weight, ending `_gradient_accumulator`, as Keras names its own) for each
+    loss term that is normalised separately (one, unless
+    `loss_normalisation="per_loss"`), a vector with each term's normaliser
+    sum (examples, valid entries or sample-weight sum), the `mini_step`
+    counter of micro-batches in the window, and the count of micro-batches
+    skipped for non-finite gradients. The object is deliberately not a
+    `keras.layers.Layer`, so the model does not track these variables:
+    `model.weights`, `get_weights()` and saved weights are exactly those of
+    the user's layers.
 
     Attributes:
-        gradients: List of accumulator variables, in the order of the
-            trainable variables passed to `build`.
-        normaliser: Scalar variable, sum of the micro-batch normalisers.
+        gradients: One list of accumulator variables per loss term, in the
+            order of the trainable variables passed to `build`.
+        normalisers: Vector variable, each term's normaliser sum.
         mini_step: Int64 scalar variable, micro-batches in this window.
+        window: Int64 scalar variable, the current window (0: epoch end).
+        skipped: Int64 scalar variable, micro-batches with non-finite
+            gradients that were not added, since the start of `fit`.
     """
 
     def __init__(self):
         self.built = False
         self.gradients = []
-        self.normaliser = None
+        self.normalisers = None
         self.mini_step = None
+        self.window = None
+        self.skipped = None
         # The traced epoch-end apply function; kept here, off the model, so
         # neither Keras nor SavedModel export tracks it.
         self.apply_function = None
 
-    def build(self, trainable_variables, normaliser_dtype):
+    def build(self, trainable_variables, normaliser_dtype, terms=1):
         """Creates the variables (call under the model's strategy scope)."""
         if self.built:
             return
         self.gradients = [
-            keras.Variable(
-                initializer="zeros",
-                shape=v.shape,
-                dtype=_accumulator_dtype(v),
-                trainable=False,
-                name=_slot_name(v, "_gradient_accumulator"),
-                **_LOCAL_SUM,
-            )
-            for v in trainable_variables
+            [
+                keras.Variable(
+                    initializer="zeros",
+                    shape=v.shape,
+                    dtype=_accumulator_dtype(v),
+                    trainable=False,
+                    name=_slot_name(
+                        v, f"_{term}_gradient_accumulator" if term else
+                        "_gradient_accumulator"
+                    ),
+                    **_LOCAL_SUM,
+                )
+                for v in trainable_variables
+            ]
+            for term in range(terms)
         ]
-        self.normaliser = keras.Variable(
+        self.normalisers = keras.Variable(
             initializer="zeros",
-            shape=(),
+            shape=(terms,),
             dtype=normaliser_dtype,
             trainable=False,
             name="normaliser_accumulator",
             **_LOCAL_SUM,
         )
-        self.mini_step = keras.Variable(
+        self.mini_step = self._counter("mini_step")
+        self.window = self._counter("window")
+        self.skipped = keras.Variable(
             initializer="zeros",
             shape=(),
             dtype="int64",
             trainable=False,
-            name="mini_step",
-            aggregation="only_first_replica",
+            name="skipped_micro_batches",
+            **_LOCAL_SUM,
         )
         self.built = True
 
-    def add(self, gradients, normaliser):
-        """Adds one micro-batch (replica context: local, no communication)."""
-        for accumulator, gradient in zip(self.gradients, gradients):
-            if gradient is None:
-                continue
-            variable = accumulator.value
-            if isinstance(gradient, tf.IndexedSlices):
-                variable.scatter_add(
-                    tf.IndexedSlices(
-                        tf.cast(gradient.values, variable.dtype),
-                        gradient.indices,
-                        gradient.dense_shape,
-                    )
-                )
-            else:
-                variable.assign_add(tf.cast(gradient, variable.dtype))
-        self.normaliser.value.assign_add(
-            tf.cast(normaliser, self.normaliser.dtype)
+    @staticmethod
+    def _counter(name):
+        return keras.Variable(
+            initializer="zeros",
+            shape=(),
+            dtype="int64",
+            trainable=False,
+            name=name,
+            aggregation="only_first_replica",
         )
-        self.mini_step.value.assign_add(1)
+
+    def add(self, term_gradients, normalisers):
+        """Adds one micro-batch (replica context: local, no communication).
+
+        Args:
+            term_gradients: One list of gradients per loss term.
+            normalisers: Vector of each term's normaliser for this batch.
+        """
+        for accumulators, gradients in zip(self.gradients, term_gradients):
+            for accumulator, gradient in zip(accumulators, gradients):
+                if gradient is None:
+                    continue
+                variable = accumulator.value
+                if isinstance(gradient, tf.IndexedSlices):
+                    variable.scatter_add(
+                        tf.IndexedSlices(
+                            tf.cast(gradient.values, variable.dtype),
+                            gradient.indices,
+                            gradient.dense_shape,
+                        )
+                    )
+                else:
+                    variable.assign_add(
+                        tf.cast(gradient, variable.dtype), read_value=False
+                    )
+        self.normalisers.value.assign_add(
+            tf.cast(normalisers, self.normalisers.dtype), read_value=False
+        )
+        self.mini_step.value.assign_add(1, read_value=False)
 
     def reset(self):
-        """Zeroes every accumulator and the counter."""
-        for variable in self.gradients + [self.normaliser, self.mini_step]:
+        """Zeroes the gradient sums, normalisers and the window counter."""
+        variables = [v for term in self.gradients for v in term]
+        for variable in variables + [self.normalisers, self.mini_step]:
             # Assigning a constant: reading an on-read variable in
-            # cross-replica context would sum the replicas first.
-            # (and `read_value=False`: returning the new value would too).
+            # cross-replica context would sum the replicas first (and so
+            # would `read_value=True`, returning the new value).
             variable.value.assign(
                 tf.zeros(variable.shape, variable.dtype), read_value=False
             )
-
-    @property
-    def variables(self):
-        return self.gradients + [self.normaliser, self.mini_step]

@@ -1,5 +1,7 @@
 """The callback that applies the accumulated gradient at epoch end."""
 
+import warnings
+
 import keras
 
 
@@ -12,10 +14,22 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
     Keras' `fit` runs validation (`on_test_begin`) before
     `callbacks.on_epoch_end`, so the update is applied at whichever comes
     first: validation then sees the updated weights, and so does every later
-    callback's `on_epoch_end`. With `accumulate=N`, the mini-batches left over
-    at epoch end (the last, indivisible window) are applied here too, so no
-    gradient crosses an epoch boundary. At `on_train_begin` the accumulators
-    are zeroed: gradients left by an interrupted `fit` are discarded.
+    callback's `on_epoch_end`. With `accumulate=N`, the mini-batches left
+    over at epoch end (the last, indivisible window) are applied here too, so
+    no gradient crosses an epoch boundary.
+
+    It also keeps the window well defined around interruptions:
+
+    - `on_train_begin` zeroes the accumulators, so a window left by an
+      interrupted `fit` is discarded, never applied twice.
+    - When training stops mid-epoch (`model.stop_training`, e.g. from
+      `TerminateOnNaN`), the incomplete window is discarded, not applied.
+    - `on_epoch_begin` sets the window of the epoch for `accumulate`
+      schedules.
+    - With `on_nonfinite="raise"`, a micro-batch whose gradient is not finite
+      (it is never added) raises `FloatingPointError` after its batch on one
+      device, or at the end of its epoch under a multi-replica strategy
+      (checking per batch would synchronise replicas every step).
 
     Example:
 
@@ -27,6 +41,8 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self._epoch_pending = False
+        self._epoch = 0
+        self._skipped_reported = 0
 
     def set_model(self, model):
         from keras_accum.accumulating_model import AccumulatingModel
@@ -39,13 +55,26 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
             )
         super().set_model(model)
 
+    @property
+    def _accumulator(self):
+        accumulator = self.model._accumulator
+        return accumulator if accumulator.built else None
+
     def on_train_begin(self, logs=None):
         self._epoch_pending = False
-        if self.model._accumulator.built:
+        if self._accumulator is not None:
             self.model.reset_accumulated_gradients()
+            self._accumulator.skipped.assign(0)
+        self._skipped_reported = 0
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
         self._epoch_pending = True
+        self.model._begin_epoch(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.distribute_strategy.num_replicas_in_sync == 1:
+            self._check_finite(f"batch {batch}")
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` runs before `on_epoch_end`.
@@ -58,5 +87,33 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         if not self._epoch_pending:
             return
         self._epoch_pending = False
-        if self.model._accumulator.built:
-            self.model.apply_accumulated_gradients()
+        if self._accumulator is None:
+            return
+        self._check_finite("one of its batches")
+        if self.model.stop_training:
+            # Stopped mid-epoch: the window is incomplete.
+            if self.model.mini_step:
+                warnings.warn(
+                    f"Training stopped during epoch {self._epoch}; the "
+                    f"{self.model.mini_step} mini-batch(es) accumulated in "
+                    "its last window were discarded, not applied.",
+                    stacklevel=2,
+                )
+            self.model.reset_accumulated_gradients()
+            return
+        self.model.apply_accumulated_gradients()
+
+    def _check_finite(self, where):
+        if self.model.on_nonfinite != "raise" or self._accumulator is None:
+            return
+        skipped = self.model.skipped_micro_batches
+        if skipped > self._skipped_reported:
+            self._skipped_reported = skipped
+            self._epoch_pending = False
+            raise FloatingPointError(
+                f"Non-finite gradient in epoch {self._epoch}, {where}: the "
+                "micro-batch was not accumulated and no update was applied "
+                "for its window; the weights are those of the last update. "
+                "Check the data and the learning rate, or pass "
+                'on_nonfinite="skip" to skip such micro-batches.'
+            )

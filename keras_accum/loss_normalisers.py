@@ -36,10 +36,12 @@ class LossTerm:
         normaliser: Scalar tensor the summed loss was divided by, or `None`
             for `"sum"` (no division) and for losses that were already
             scalar before reduction (their normaliser is unknown).
+        value: The reduced loss, as the `Loss` returned it.
     """
 
     reduction: str
     normaliser: object
+    value: object
 
 
 def _elements(values, sample_weight):
@@ -105,7 +107,7 @@ def _recording_reduce_weighted_values(
             normaliser = _normaliser(
                 values, sample_weight, mask, reduction, dtype
             )
-            recorder.append(LossTerm(reduction, normaliser))
+            recorder.append(LossTerm(reduction, normaliser, loss))
     return loss
 
 

@@ -8,6 +8,7 @@ import keras
 
 EPOCH = "epoch"
 REDUCTIONS = ("mean", "sum")
+NONFINITE_POLICIES = ("raise", "skip")
 
 
 def require_tensorflow_backend(what):
@@ -66,6 +67,67 @@ def validate_reduction(value):
             f"Received: reduction={value!r}"
         )
     return value
+
+
+def validate_choice(value, name, allowed):
+    """Checks that `value` is one of the strings in `allowed`."""
+    if value not in allowed:
+        choices = " or ".join(f'"{a}"' for a in allowed)
+        raise ValueError(
+            f"`{name}` must be {choices}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def validate_fit_arguments(schedule, x, steps_per_epoch, callbacks):
+    """Rejects `fit` arguments that would train wrongly or forever.
+
+    Args:
+        schedule: The model's `WindowSchedule`.
+        x: The `x` argument of `fit`.
+        steps_per_epoch: The `steps_per_epoch` argument of `fit`.
+        callbacks: The `callbacks` argument of `fit`.
+
+    Raises:
+        ValueError: for `accumulate="epoch"` on an infinite dataset without
+            `steps_per_epoch` (the epoch, and so the window, never ends), and
+            for windows applied mid-epoch combined with
+            `BackupAndRestore(save_freq=<int>)` (Keras restores mid-epoch
+            weights but restarts the epoch from its first batch, so windows
+            would be applied twice).
+    """
+    import tensorflow as tf
+
+    if (
+        steps_per_epoch is None
+        and isinstance(x, tf.data.Dataset)
+        and schedule.uses_epoch_windows
+        and x.cardinality() == tf.data.INFINITE_CARDINALITY
+    ):
+        raise ValueError(
+            '`accumulate="epoch"` applies the gradient at the end of each '
+            "epoch, and an infinite dataset has no end: pass "
+            "`steps_per_epoch` to `fit()`. Received: steps_per_epoch=None "
+            "with an infinite `tf.data.Dataset`"
+        )
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks = callbacks.callbacks
+    for callback in callbacks or []:
+        save_freq = getattr(callback, "save_freq", None)
+        if (
+            isinstance(callback, keras.callbacks.BackupAndRestore)
+            and isinstance(save_freq, int)
+            and not isinstance(save_freq, bool)
+            and schedule.applies_mid_epoch
+        ):
+            raise ValueError(
+                "`BackupAndRestore` with an integer `save_freq` saves "
+                "mid-epoch weights but restarts the interrupted epoch from "
+                "its first batch, so windows applied before the backup would "
+                'be applied twice. Use save_freq="epoch", or '
+                f'accumulate="epoch". Received: save_freq={save_freq}, '
+                f"accumulate={schedule.value!r}"
+            )
 
 
 def validate_optimizer(optimizer):

@@ -98,7 +98,14 @@ class NaiveAveragingModel(FunctionalAccumulatingModel):
     far more than their tolerance, so they can fail.
     """
 
-    def _micro_batch_weight(self, terms, batch_size, loss):
+    def _micro_batch_contribution(self, terms, loss, batch_size,
+                                  first_in_window):
         import tensorflow as tf
 
-        return tf.ones((), loss.dtype), True
+        from keras_accum.objectives import MicroBatchContribution
+
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        return MicroBatchContribution(
+            [loss * replicas], tf.ones((1,), loss.dtype), (True,),
+            tf.cast(batch_size, loss.dtype),
+        )

@@ -1,0 +1,142 @@
+"""What a micro-batch adds to the window: weighted losses and normalisers.
+
+Keras normalises each loss term per batch (`sum / normaliser`). The window's
+gradient must be normalised by the window's total instead, so a micro-batch
+contributes the gradient of `loss * normaliser` (its unnormalised sum) and its
+normaliser; the window divides the summed gradients by the summed normalisers
+when it is applied.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+from keras.src.losses import loss as keras_loss_module
+
+from keras_accum.loss_normalisers import SUM
+
+SHARED = "shared"
+PER_LOSS = "per_loss"
+LOSS_NORMALISATIONS = (SHARED, PER_LOSS)
+
+
+@dataclasses.dataclass
+class MicroBatchContribution:
+    """The losses whose gradients a micro-batch adds, one per term.
+
+    Attributes:
+        objectives: Scalar losses; the gradient of `objectives[t]` is added
+            to the accumulators of loss term `t`.
+        normalisers: Vector, each term's normaliser for this micro-batch
+            (0 for terms that are summed, not averaged, over the window).
+        divides: Static tuple of bools: whether term `t`'s window sum is
+            divided by its summed normaliser.
+        logging_weight: Weight of this micro-batch in the logged epoch loss.
+    """
+
+    objectives: list
+    normalisers: object
+    divides: tuple
+    logging_weight: object
+
+
+def _regularisation_loss(model, dtype):
+    losses = model._get_regularization_losses()
+    if not losses:
+        return None
+    return tf.add_n([tf.cast(value, dtype) for value in losses])
+
+
+def _weighted(loss, normaliser, replicas):
+    # Keras divides each replica's mean loss by the replica count; undo it
+    # so the weighted replica losses add up to the window's sum.
+    return loss * tf.stop_gradient(normaliser) * tf.cast(replicas, loss.dtype)
+
+
+def _summed(model, loss, first_in_window):
+    """A summed loss, with weight regularisation kept once per window."""
+    regularisation = _regularisation_loss(model, loss.dtype)
+    if regularisation is None:
+        return loss
+    later = 1.0 - tf.cast(first_in_window, loss.dtype)
+    return loss - later * keras_loss_module.scale_loss_for_distribution(
+        regularisation
+    )
+
+
+def shared_contribution(model, terms, loss, batch_size, first_in_window):
+    """One normaliser for the whole loss: that of its first averaged term.
+
+    Exact for a single loss term and for several terms whose normalisers are
+    proportional across micro-batches. Regularisation losses included in
+    `loss` get the same weight, so after division by the window's normaliser
+    they count once per update, as in one big batch.
+    """
+    dtype = loss.dtype
+    if model.reduction == "sum":
+        return MicroBatchContribution(
+            [loss], tf.zeros((1,), dtype), (False,), tf.cast(batch_size, dtype)
+        )
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    normalisers = [t.normaliser for t in terms if t.normaliser is not None]
+    if normalisers:
+        normaliser = tf.cast(normalisers[0], dtype)
+    elif terms and all(t.reduction == SUM for t in terms):
+        return MicroBatchContribution(
+            [_summed(model, loss, first_in_window)],
+            tf.zeros((1,), dtype),
+            (False,),
+            tf.cast(batch_size, dtype),
+        )
+    else:
+        # No Keras loss reported a normaliser (e.g. a custom `compute_loss`
+        # returning a mean): weight by examples.
+        normaliser = tf.cast(batch_size, dtype)
+    return MicroBatchContribution(
+        [_weighted(loss, normaliser, replicas)],
+        tf.reshape(normaliser, (1,)),
+        (True,),
+        normaliser,
+    )
+
+
+def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
+    """One normaliser per compiled loss term, each over the whole window.
+
+    Exact for multi-output models whose outputs carry their own masks or
+    sample weights. Losses outside the compiled ones (regularisation,
+    `add_loss`) go with the first term.
+    """
+    flat_losses = model._compile_loss._flat_losses
+    if len(terms) != len(flat_losses):
+        raise ValueError(
+            '`loss_normalisation="per_loss"` needs every loss term to come '
+            f"from `compile(loss=...)`: {len(flat_losses)} compiled loss "
+            f"term(s), {len(terms)} Keras loss reduction(s) in the step. "
+            'Use `loss_normalisation="shared"` with a custom `compute_loss`.'
+        )
+    dtype = loss.dtype
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    objectives, normalisers, divides = [], [], []
+    compiled_total = tf.zeros((), dtype)
+    for term, flat in zip(terms, flat_losses):
+        weight = 1.0 if flat.loss_weights is None else flat.loss_weights
+        value = tf.cast(term.value, dtype) * tf.cast(weight, dtype)
+        compiled_total += value
+        if term.normaliser is None:
+            objectives.append(value)
+            normalisers.append(tf.zeros((), dtype))
+            divides.append(False)
+        else:
+            normaliser = tf.cast(term.normaliser, dtype)
+            objectives.append(_weighted(value, normaliser, replicas))
+            normalisers.append(normaliser)
+            divides.append(True)
+    rest = loss - compiled_total
+    if divides[0]:
+        objectives[0] += _weighted(rest, normalisers[0], replicas)
+    else:
+        objectives[0] += _summed(model, rest, first_in_window)
+    logging_weight = normalisers[0] if divides[0] else tf.cast(batch_size, dtype)
+    return MicroBatchContribution(
+        objectives, tf.stack(normalisers), tuple(divides), logging_weight
+    )
