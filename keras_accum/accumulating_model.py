@@ -400,6 +400,9 @@ class AccumulatingModel(keras.Model):
             return tf.no_op()
 
         tf.cond(finite, add, skip)
+        # A skipped micro-batch still takes its place in the window, so
+        # windows keep their positions in the epoch.
+        accumulator.count_micro_batch()
         loss_scale.update_dynamic_scale(self.optimizer, finite)
 
     def _apply_window_when(self, condition, divides):

@@ -133,6 +133,14 @@ class GradientAccumulator:
         self.normalisers.value.assign_add(
             tf.cast(normalisers, self.normalisers.dtype), read_value=False
         )
+
+    def count_micro_batch(self):
+        """Counts one micro-batch of the window, added or skipped.
+
+        Separate from `add`: `mini_step` is mirrored, and updating it in
+        replica context is a merge call, which may not run inside the
+        `tf.cond` that guards `add`.
+        """
         self.mini_step.value.assign_add(1, read_value=False)
 
     def reset(self):
