@@ -331,8 +331,10 @@ class AccumulatingModel(keras.Model):
 
         trainable_variables = self.trainable_variables
         term_gradients = [
-            self._unscale_gradients(tape.gradient(o, trainable_variables))
-            for o in scaled
+            self._unscale_gradients(
+                tape.gradient(objective, trainable_variables), scale
+            )
+            for objective, scale in zip(scaled, contribution.gradient_scales)
         ]
         del tape
         self._window_divides = contribution.divides
@@ -361,13 +363,24 @@ class AccumulatingModel(keras.Model):
             window > 0, accumulator.mini_step.value >= window
         )
 
-    def _unscale_gradients(self, gradients):
-        scale = getattr(self.optimizer, "dynamic_scale", None)
-        if scale is None:
-            return gradients
-        return [
-            None if g is None else g / tf.cast(scale, g.dtype) for g in gradients
-        ]
+    def _unscale_gradients(self, gradients, factor):
+        """Multiplies by `factor` and undoes loss scaling, in one product."""
+        loss_scale_value = getattr(self.optimizer, "dynamic_scale", None)
+        if loss_scale_value is not None:
+            factor = factor / tf.cast(loss_scale_value, factor.dtype)
+
+        def scaled(gradient):
+            if gradient is None:
+                return None
+            if isinstance(gradient, tf.IndexedSlices):
+                return tf.IndexedSlices(
+                    gradient.values * tf.cast(factor, gradient.values.dtype),
+                    gradient.indices,
+                    gradient.dense_shape,
+                )
+            return gradient * tf.cast(factor, gradient.dtype)
+
+        return [scaled(g) for g in gradients]
 
     def _accumulate_if_finite(self, term_gradients, normalisers):
         """Adds the micro-batch unless a gradient is not finite.
@@ -395,8 +408,13 @@ class AccumulatingModel(keras.Model):
             accumulator.add(term_gradients, normalisers)
             return tf.no_op()
 
+        loss_scaled = loss_scale.is_dynamic(self.optimizer)
+
         def skip():
-            accumulator.skipped.value.assign_add(1, read_value=False)
+            # Under loss scaling an overflow is expected: the scale drops
+            # and training goes on, as with `LossScaleOptimizer`.
+            if not loss_scaled:
+                accumulator.skipped.value.assign_add(1, read_value=False)
             return tf.no_op()
 
         tf.cond(finite, add, skip)

@@ -11,6 +11,11 @@ import tensorflow as tf
 from keras import optimizers
 
 
+def is_dynamic(optimizer):
+    """Whether `optimizer` scales the loss dynamically."""
+    return isinstance(optimizer, optimizers.LossScaleOptimizer)
+
+
 def update_dynamic_scale(optimizer, finite):
     """Grows or shrinks `optimizer`'s loss scale after one micro-batch.
 
@@ -25,7 +30,7 @@ def update_dynamic_scale(optimizer, finite):
         finite: Scalar bool tensor, whether the micro-batch's gradients were
             all finite.
     """
-    if not isinstance(optimizer, optimizers.LossScaleOptimizer):
+    if not is_dynamic(optimizer):
         return
 
     def grow():

@@ -2,9 +2,11 @@
 
 Keras normalises each loss term per batch (`sum / normaliser`). The window's
 gradient must be normalised by the window's total instead, so a micro-batch
-contributes the gradient of `loss * normaliser` (its unnormalised sum) and its
-normaliser; the window divides the summed gradients by the summed normalisers
-when it is applied.
+contributes `normaliser * gradient(loss)` (the gradient of its unnormalised
+sum) and its normaliser; the window divides the summed gradients by the
+summed normalisers when it is applied. The normaliser multiplies the
+gradient, not the loss, so a scaled loss under `mixed_float16` stays in the
+float16 range, as in plain Keras training.
 """
 
 import dataclasses
@@ -24,8 +26,9 @@ class MicroBatchContribution:
     """The losses whose gradients a micro-batch adds, one per term.
 
     Attributes:
-        objectives: Scalar losses; the gradient of `objectives[t]` is added
-            to the accumulators of loss term `t`.
+        objectives: Scalar losses; the gradient of `objectives[t]`, times
+            `gradient_scales[t]`, is added to the accumulators of term `t`.
+        gradient_scales: Scalars, one per term.
         normalisers: Vector, each term's normaliser for this micro-batch
             (0 for terms that are summed, not averaged, over the window).
         divides: Static tuple of bools: whether term `t`'s window sum is
@@ -34,6 +37,7 @@ class MicroBatchContribution:
     """
 
     objectives: list
+    gradient_scales: list
     normalisers: object
     divides: tuple
     logging_weight: object
@@ -46,10 +50,10 @@ def _regularisation_loss(model, dtype):
     return tf.add_n([tf.cast(value, dtype) for value in losses])
 
 
-def _weighted(loss, normaliser, replicas):
+def _scale(normaliser, replicas):
     # Keras divides each replica's mean loss by the replica count; undo it
-    # so the weighted replica losses add up to the window's sum.
-    return loss * tf.stop_gradient(normaliser) * tf.cast(replicas, loss.dtype)
+    # so the weighted replica gradients add up to the window's sum.
+    return tf.stop_gradient(normaliser) * tf.cast(replicas, normaliser.dtype)
 
 
 def _summed(model, loss, first_in_window):
@@ -72,9 +76,11 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
     they count once per update, as in one big batch.
     """
     dtype = loss.dtype
+    one = tf.ones((), dtype)
     if model.reduction == "sum":
         return MicroBatchContribution(
-            [loss], tf.zeros((1,), dtype), (False,), tf.cast(batch_size, dtype)
+            [loss], [one], tf.zeros((1,), dtype), (False,),
+            tf.cast(batch_size, dtype),
         )
     replicas = model.distribute_strategy.num_replicas_in_sync
     normalisers = [t.normaliser for t in terms if t.normaliser is not None]
@@ -83,6 +89,7 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
     elif terms and all(t.reduction == SUM for t in terms):
         return MicroBatchContribution(
             [_summed(model, loss, first_in_window)],
+            [one],
             tf.zeros((1,), dtype),
             (False,),
             tf.cast(batch_size, dtype),
@@ -92,7 +99,8 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
         # returning a mean): weight by examples.
         normaliser = tf.cast(batch_size, dtype)
     return MicroBatchContribution(
-        [_weighted(loss, normaliser, replicas)],
+        [loss],
+        [_scale(normaliser, replicas)],
         tf.reshape(normaliser, (1,)),
         (True,),
         normaliser,
@@ -116,27 +124,29 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
         )
     dtype = loss.dtype
     replicas = model.distribute_strategy.num_replicas_in_sync
-    objectives, normalisers, divides = [], [], []
+    objectives, scales, normalisers, divides = [], [], [], []
     compiled_total = tf.zeros((), dtype)
     for term, flat in zip(terms, flat_losses):
         weight = 1.0 if flat.loss_weights is None else flat.loss_weights
         value = tf.cast(term.value, dtype) * tf.cast(weight, dtype)
         compiled_total += value
+        objectives.append(value)
         if term.normaliser is None:
-            objectives.append(value)
+            scales.append(tf.ones((), dtype))
             normalisers.append(tf.zeros((), dtype))
             divides.append(False)
         else:
             normaliser = tf.cast(term.normaliser, dtype)
-            objectives.append(_weighted(value, normaliser, replicas))
+            scales.append(_scale(normaliser, replicas))
             normalisers.append(normaliser)
             divides.append(True)
     rest = loss - compiled_total
     if divides[0]:
-        objectives[0] += _weighted(rest, normalisers[0], replicas)
+        objectives[0] += rest
     else:
         objectives[0] += _summed(model, rest, first_in_window)
     logging_weight = normalisers[0] if divides[0] else tf.cast(batch_size, dtype)
     return MicroBatchContribution(
-        objectives, tf.stack(normalisers), tuple(divides), logging_weight
+        objectives, scales, tf.stack(normalisers), tuple(divides),
+        logging_weight,
     )

@@ -106,6 +106,6 @@ class NaiveAveragingModel(FunctionalAccumulatingModel):
 
         replicas = self.distribute_strategy.num_replicas_in_sync
         return MicroBatchContribution(
-            [loss * replicas], tf.ones((1,), loss.dtype), (True,),
-            tf.cast(batch_size, loss.dtype),
+            [loss], [tf.cast(replicas, loss.dtype)], tf.ones((1,), loss.dtype),
+            (True,), tf.cast(batch_size, loss.dtype),
         )
