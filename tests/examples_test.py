@@ -1,0 +1,174 @@
+"""End-to-end tests of the example scripts in `examples/`, at tiny sizes.
+
+`train_digits.py` runs as a subprocess, as a user runs it; the keras-hub
+example runs in-process through its `main(argv)`, so that the test can look at
+the objects it returns.
+"""
+
+import importlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras_accum
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_example(script, *args, cwd, timeout=300):
+    """Runs `examples/<script>` with this interpreter; returns the result."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"{script} exited with {result.returncode}\n"
+        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+def test_train_digits_writes_table_plot_and_models(tmp_path):
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    result = run_example(
+        "train_digits.py",
+        "--epochs",
+        2,
+        "--out",
+        out,
+        "--saved-models",
+        saved,
+        cwd=tmp_path,
+    )
+
+    assert "| run | micro-batch | effective batch | updates |" in result.stdout
+    assert (out / "digits_curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    summary = json.loads((out / "digits_results.json").read_text())
+    runs = summary["runs"]
+    # 1280 training images: 40 micro-batches of 32 per epoch, 5 windows of 8.
+    assert {key: run["updates"] for key, run in runs.items()} == {
+        "plain": 80,
+        "epoch": 2,
+        "accumulate": 10,
+        "reference": 10,
+    }
+    assert runs["accumulate"]["effective_batch"] == 256
+    # The accumulated run reproduces the batch-256 reference.
+    assert max(summary["reference_differences"]) < 1e-4
+    assert runs["plain"]["test_accuracy"] > 0.8
+    assert (saved / "digits_accum.keras").is_file()
+    assert (saved / "digits_accum_export" / "saved_model.pb").is_file()
+
+
+def test_train_digits_tensorboard_logs_one_point_per_update(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator
+
+    logs = tmp_path / "logs"
+    result = run_example(
+        "train_digits.py",
+        "--epochs",
+        1,
+        "--batch-size",
+        64,
+        "--accumulate",
+        4,
+        "--out",
+        tmp_path / "out",
+        "--saved-models",
+        tmp_path / "saved",
+        "--tensorboard",
+        logs,
+        cwd=tmp_path,
+    )
+
+    assert f"tensorboard --logdir {logs}" in result.stdout
+    assert sorted(p.name for p in logs.iterdir()) == [
+        "accumulate",
+        "epoch",
+        "plain",
+        "reference",
+    ]
+    events = event_accumulator.EventAccumulator(
+        str(logs / "accumulate" / "train"), size_guidance={"tensors": 0}
+    )
+    events.Reload()
+    # 20 micro-batches of 64 per epoch, `update_freq=4`: one point per update.
+    steps = [event.step for event in events.Tensors("batch_loss")]
+    assert steps == [4, 8, 12, 16, 20]
+
+
+@pytest.fixture
+def keras_hub_example(monkeypatch):
+    """The `keras_hub_classifier` module, imported from `examples/`."""
+    pytest.importorskip("keras_hub")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    return importlib.import_module("keras_hub_classifier")
+
+
+def test_keras_hub_classifier_trains_through_the_wrapper(keras_hub_example):
+    result = keras_hub_example.main(
+        [
+            "--examples",
+            "40",
+            "--sequence-length",
+            "8",
+            "--vocabulary-size",
+            "32",
+            "--num-layers",
+            "1",
+            "--hidden-dim",
+            "8",
+            "--batch-size",
+            "4",
+            "--accumulate",
+            "3",
+            "--epochs",
+            "2",
+            "--verbose",
+            "0",
+        ]
+    )
+
+    classifier, model = result["classifier"], result["model"]
+    assert isinstance(model, keras_accum.AccumulatingModel)
+    # 30 training examples: 8 micro-batches of 4, windows of 3, 3 and a
+    # leftover of 2 applied at epoch end: 3 updates per epoch.
+    assert result["expected_updates"] == 6
+    assert int(model.optimizer.iterations.numpy()) == 6
+    assert model.mini_step == 0
+    assert {id(v) for v in model.weights} == {id(v) for v in classifier.weights}
+    inputs, _ = keras_hub_example.make_data(5, 8, 32, seed=1)
+    np.testing.assert_allclose(
+        classifier.predict(inputs, verbose=0),
+        model.predict(inputs, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_keras_hub_data_label_says_whether_the_marker_occurs(
+    keras_hub_example,
+):
+    marker = importlib.import_module("keras_hub_config").MARKER_TOKEN
+
+    inputs, labels = keras_hub_example.make_data(64, 12, 50, seed=0)
+
+    tokens, mask = inputs["token_ids"], inputs["padding_mask"]
+    np.testing.assert_array_equal((tokens == marker).any(axis=1), labels == 1)
+    np.testing.assert_array_equal(tokens[:, 0], 1)  # [CLS]
+    np.testing.assert_array_equal(tokens[mask == 0], 0)  # Padding.
+    np.testing.assert_array_equal(inputs["segment_ids"], 0)
