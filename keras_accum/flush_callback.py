@@ -27,9 +27,10 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
     - `on_epoch_begin` sets the window of the epoch for `accumulate`
       schedules.
     - With `on_nonfinite="raise"`, a micro-batch whose gradient is not finite
-      (it is never added) raises `FloatingPointError` after its batch on one
-      device, or at the end of its epoch under a multi-replica strategy
-      (checking per batch would synchronise replicas every step).
+      (it is never added) raises `FloatingPointError` after its batch. On one
+      device its window is not applied; across replicas the window may
+      already have been applied without it, when that micro-batch completed
+      it (knowing earlier would need a reduction every step).
 
     Example:
 
@@ -42,6 +43,7 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         super().__init__()
         self._epoch_pending = False
         self._epoch = 0
+        self._batches_seen = 0
         self._skipped_reported = 0
 
     def set_model(self, model):
@@ -70,11 +72,12 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_pending = True
+        self._batches_seen = 0
         self.model._begin_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.model.distribute_strategy.num_replicas_in_sync == 1:
-            self._check_finite(f"batch {batch}")
+        self._batches_seen = batch + 1
+        self._check_finite(f"batch {batch}")
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` runs before `on_epoch_end`.
@@ -90,7 +93,10 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         if self._accumulator is None:
             return
         self._check_finite("one of its batches")
-        if self.model.stop_training:
+        steps = (self.params or {}).get("steps")
+        if self.model.stop_training and (
+            steps is None or self._batches_seen < steps
+        ):
             # Stopped mid-epoch: the window is incomplete.
             if self.model.mini_step:
                 warnings.warn(
@@ -110,10 +116,16 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         if skipped > self._skipped_reported:
             self._skipped_reported = skipped
             self._epoch_pending = False
+            if self.model.distribute_strategy.num_replicas_in_sync == 1:
+                effect = (
+                    "no update was applied for its window; the weights are "
+                    "those of the last update"
+                )
+            else:
+                effect = "it was left out of its window"
             raise FloatingPointError(
                 f"Non-finite gradient in epoch {self._epoch}, {where}: the "
-                "micro-batch was not accumulated and no update was applied "
-                "for its window; the weights are those of the last update. "
-                "Check the data and the learning rate, or pass "
-                'on_nonfinite="skip" to skip such micro-batches.'
+                f"micro-batch was not accumulated and {effect}. Check the "
+                "data and the learning rate, or pass on_nonfinite=\"skip\" "
+                "to skip such micro-batches."
             )
