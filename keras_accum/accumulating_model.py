@@ -523,7 +523,9 @@ class AccumulatingModel(keras.Model):
         accumulator = self._accumulator
         if accumulator.apply_function is None:
 
-            @tf.function
+            # No AutoGraph: the body is already graph code (explicit
+            # `tf.cond`), and converting the closure only logs a warning.
+            @tf.function(autograph=False)
             def apply_function(divides):
                 self.distribute_strategy.run(
                     self._apply_window_when,

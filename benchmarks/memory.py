@@ -1,0 +1,53 @@
+"""Peak memory of one configuration, in a fresh child process.
+
+TensorFlow alone holds ~700 MB of RSS before `fit` (KERAS_NOTES.md), so the
+absolute RSS says little. The child builds the data pipeline, the model and
+the optimizer object, then measures the high-water mark of its RSS during
+one `fit` call and reports the increase over the RSS just before it. The
+increase covers what training adds: traced graphs, optimizer slots,
+accumulators, activations and gradients of a step.
+"""
+
+import gc
+import time
+
+import methods
+from isolation import PeakRss
+from isolation import make_rss_track_live_memory
+from models import make_data
+from models import make_dataset
+
+MIB = 1024 * 1024
+
+
+def measure_memory(model, optimizer, config, examples, micro_batch,
+                   learning_rate, epochs, jit_compile=False):
+    allocator_tuned = make_rss_track_live_memory()
+    x, y = make_data(model, examples)
+    fitted, batch_size = methods.build(
+        config, model, optimizer, learning_rate, micro_batch,
+        jit_compile=jit_compile,
+    )
+    dataset = make_dataset(x, y, batch_size)
+    gc.collect()
+    peak = PeakRss()
+    baseline = peak.start()
+    started = time.perf_counter()
+    fitted.fit(dataset, epochs=epochs, verbose=0, shuffle=False)
+    seconds = time.perf_counter() - started
+    high_water = peak.stop()
+    return {
+        "key": methods.config_key(config),
+        "method": config["method"],
+        "k": config["k"],
+        "batch_size": batch_size,
+        "baseline_rss_mib": baseline / MIB,
+        "peak_rss_mib": high_water / MIB,
+        "fit_increase_mib": (high_water - baseline) / MIB,
+        "rss_method": peak.method,
+        "allocator": (
+            "glibc mallopt: M_MMAP_THRESHOLD=128 KiB, M_ARENA_MAX=2"
+            if allocator_tuned else "default"
+        ),
+        "fit_seconds": seconds,
+    }

@@ -1,0 +1,579 @@
+"""Turns the benchmark JSON into `results.md`, target checks and plots."""
+
+import os
+import re
+
+import methods
+
+MEMORY_TOLERANCE = 1.10  # keras_accum at b within 10% of plain fit at b.
+MEMORY_CLEARLY_BELOW = 0.5  # ... and at most half of plain fit at k*b.
+SPEED_VS_BUILTIN = 1.0
+SPEED_VS_PLAIN_ADAM_MLP_K8 = 1.3
+
+
+def _index(rows):
+    return {row["key"]: row for row in rows or [] if "error" not in row}
+
+
+def _time(rows, key):
+    row = _index(rows).get(key)
+    return None if row is None else row["median_epoch_s"]
+
+
+def _memory(rows, key):
+    row = _index(rows).get(key)
+    return None if row is None else row["fit_increase_mib"]
+
+
+def _ratio(numerator, denominator):
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _fmt(value, digits=2, suffix=""):
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _accumulating_keys(ks):
+    keys = [f"keras_accum_k{k}" for k in ks] + ["keras_accum_epoch"]
+    return keys + [f"builtin_k{k}" for k in ks if k >= 2]
+
+
+def compute_targets(data):
+    """Checks the targets of issue 7 on the measured numbers."""
+    targets = []
+    timing = data.get("timing", {})
+    memory = data.get("memory", {})
+    ks = data["settings"]["ks"]
+    for model, by_optimizer in timing.items():
+        for optimizer, rows in by_optimizer.items():
+            for k in ks:
+                if k < 4:
+                    continue
+                ratio = _ratio(_time(rows, f"builtin_k{k}"),
+                               _time(rows, f"keras_accum_k{k}"))
+                targets.append({
+                    "target": "throughput >= 1.0x Keras built-in, k >= 4",
+                    "model": model, "optimizer": optimizer, "k": k,
+                    "measured": ratio,
+                    "met": None if ratio is None else ratio >= SPEED_VS_BUILTIN,
+                })
+    mlp_adam = timing.get("mlp", {}).get("adam")
+    if mlp_adam and 8 in ks:
+        ratio = _ratio(_time(mlp_adam, "plain_b"),
+                       _time(mlp_adam, "keras_accum_k8"))
+        targets.append({
+            "target": ">= 1.3x plain fit at b (Adam, k=8, MLP)",
+            "model": "mlp", "optimizer": "adam", "k": 8,
+            "measured": ratio,
+            "met": None if ratio is None
+            else ratio >= SPEED_VS_PLAIN_ADAM_MLP_K8,
+        })
+    for model, by_optimizer in memory.items():
+        for optimizer, rows in by_optimizer.items():
+            plain = _memory(rows, "plain_b")
+            for k in [k for k in ks if k >= 2] + ["epoch"]:
+                key = ("keras_accum_epoch" if k == "epoch"
+                       else f"keras_accum_k{k}")
+                ratio = _ratio(_memory(rows, key), plain)
+                targets.append({
+                    "target": "peak memory at b within 10% of plain fit at b",
+                    "model": model, "optimizer": optimizer, "k": k,
+                    "measured": ratio,
+                    "met": None if ratio is None
+                    else ratio <= MEMORY_TOLERANCE,
+                })
+                if model in ("convnet", "transformer") and k != "epoch" \
+                        and k >= 4:
+                    ratio = _ratio(_memory(rows, f"keras_accum_k{k}"),
+                                   _memory(rows, f"plain_kb_k{k}"))
+                    targets.append({
+                        "target": ("peak memory clearly below plain fit at "
+                                   "k*b (<= 0.5x)"),
+                        "model": model, "optimizer": optimizer, "k": k,
+                        "measured": ratio,
+                        "met": None if ratio is None
+                        else ratio <= MEMORY_CLEARLY_BELOW,
+                    })
+    return targets
+
+
+def micro_step_overheads(data):
+    """keras_accum's cost per micro-step over a bare forward+backward."""
+    rows = []
+    for model, by_optimizer in data.get("timing", {}).items():
+        for optimizer, timing_rows in by_optimizer.items():
+            index = _index(timing_rows)
+            reference = index.get("fwd_bwd")
+            if reference is None:
+                continue
+            steps = reference["steps_per_epoch"]
+            base = reference["median_epoch_s"]
+            for key in ("keras_accum_epoch",
+                        f"keras_accum_k{max(data['settings']['ks'])}",
+                        "plain_b"):
+                row = index.get(key)
+                if row is None:
+                    continue
+                extra = row["median_epoch_s"] - base
+                rows.append({
+                    "model": model, "optimizer": optimizer, "key": key,
+                    "fwd_bwd_ms_per_step": 1000 * base / steps,
+                    "ms_per_step": 1000 * row["median_epoch_s"] / steps,
+                    "overhead_ms_per_step": 1000 * extra / steps,
+                    "overhead_percent": 100 * extra / base,
+                })
+    return rows
+
+
+def _timing_table(lines, model, data):
+    timing = data.get("timing", {}).get(model, {})
+    memory = data.get("memory", {}).get(model, {})
+    lines.append(
+        "| optimizer | configuration | k | batch | s/epoch (median) | "
+        "s/epoch (min) | examples/s | vs built-in | vs plain@b | CPU s/epoch | "
+        "peak mem +MiB | mem vs plain@b | mem vs plain@k*b | foreign CPU | "
+        "updates/epoch |"
+    )
+    lines.append("|" + "---|" * 15)
+    for optimizer, rows in timing.items():
+        index = _index(rows)
+        memory_rows = memory.get(optimizer, [])
+        plain = _time(rows, "plain_b")
+        plain_memory = _memory(memory_rows, "plain_b")
+        ordered = sorted(index.values(), key=_row_order)
+        for row in ordered:
+            key, k = row["key"], row["k"]
+            builtin = _time(rows, f"builtin_k{k}") if row["method"] in (
+                "keras_accum", "plain_kb") and k and k >= 2 else None
+            mem = _memory(memory_rows, key)
+            big = (_memory(memory_rows, f"plain_kb_k{k}")
+                   if k and k >= 2 and row["method"] != "plain_kb" else None)
+            lines.append(
+                f"| {optimizer} | {methods.LABELS.get(row['method'], key)} | "
+                f"{k if k is not None else 'epoch'} | {row['batch_size']} | "
+                f"{row['median_epoch_s']:.3f} | {row['min_epoch_s']:.3f} | "
+                f"{row['examples_per_s']:.0f} | "
+                f"{_fmt(_ratio(builtin, row['median_epoch_s']), 2, 'x')} | "
+                f"{_fmt(_ratio(plain, row['median_epoch_s']), 2, 'x')} | "
+                f"{row['median_cpu_s']:.3f} | {_fmt(mem, 1)} | "
+                f"{_fmt(_ratio(mem, plain_memory), 2, 'x')} | "
+                f"{_fmt(_ratio(mem, big), 2, 'x')} | "
+                f"{row['median_foreign_cpu_share']:.0%} | "
+                f"{row['updates_per_epoch']} |"
+            )
+        for row in rows:
+            if "error" in row:
+                lines.append(f"| {optimizer} | {row['key']} | | | FAILED: "
+                             f"{_one_line(row['error'])[:150]} |" + " |" * 10)
+
+
+def _row_order(row):
+    order = {"plain_b": 0, "fwd_bwd": 1, "plain_kb": 2, "builtin": 3,
+             "keras_accum": 4, "keras_accum_epoch": 5}
+    k = row["k"] if row["k"] is not None else 10 ** 6
+    if row["method"] in ("plain_b", "fwd_bwd"):
+        k = 0
+    return (k, order.get(row["method"], 9))
+
+
+def _targets_table(lines, targets):
+    lines.append("| target | model | optimizer | k | measured | met |")
+    lines.append("|---|---|---|---|---|---|")
+    for target in targets:
+        met = {True: "yes", False: "**no**", None: "n/a"}[target["met"]]
+        lines.append(
+            f"| {target['target']} | {target['model']} | "
+            f"{target['optimizer']} | {target['k']} | "
+            f"{_fmt(target['measured'], 2, 'x')} | {met} |"
+        )
+
+
+def _exactness_table(lines, rows):
+    lines.append(
+        "| data | optimizer | window | method | ‖w−w_big‖/‖w_big‖ | "
+        "‖w−w_big‖/‖w_big−w0‖ | max per tensor |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for row in rows:
+        window = row["window"]
+        if row["method"] == "builtin" and window == "epoch":
+            window = f"epoch (built-in: steps={row['builtin_steps']})"
+        lines.append(
+            f"| {row['data']} (n={row['examples']}, b={row['micro_batch']}) | "
+            f"{row['optimizer']} | {window} | {row['method']} | "
+            f"{row['relative_error']:.1e} | "
+            f"{row['error_relative_to_update']:.1e} | "
+            f"{row.get('max_per_tensor_relative_error', float('nan')):.1e} |"
+        )
+
+
+def _distributed_section(lines, distributed):
+    if not distributed:
+        lines.append("Not run or failed to start (see Failures).")
+        return
+    lines.append(
+        f"MLP, Adam, k={distributed['k']}, global batch "
+        f"{distributed['global_batch']} ({distributed['per_replica_batch']} "
+        f"per replica), {distributed['replicas']} logical CPU devices "
+        f"({', '.join(distributed['devices'])}). Both strategies are timed "
+        "in the same process, interleaved."
+    )
+    lines.append("")
+    lines.append("| strategy | configuration | batch | s/epoch (median) | "
+                 "vs built-in (same strategy) | vs built-in without strategy "
+                 "| vs same config without strategy | updates/epoch | status |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    rows = distributed["rows"]
+    for row in sorted(rows, key=lambda r: (r["strategy"], r["key"])):
+        if "error" in row:
+            lines.append(
+                f"| {row['strategy']} | {row['key']} | | | | | | | FAILED: "
+                f"{_one_line(row['error'])[:300]} |"
+            )
+            continue
+        builtin = next(
+            (r for r in rows if r["strategy"] == row["strategy"]
+             and r["key"] == f"builtin_k{distributed['k']}"
+             and "error" not in r), None)
+        ratio = _ratio(builtin["median_epoch_s"] if builtin else None,
+                       row["median_epoch_s"])
+        unstrategied = {r["key"]: r for r in rows
+                        if r["strategy"] == "none" and "error" not in r}
+        builtin_none = _time(list(unstrategied.values()),
+                             f"builtin_k{distributed['k']}")
+        same_none = _time(list(unstrategied.values()), row["key"])
+        seconds = row["median_epoch_s"]
+        lines.append(
+            f"| {row['strategy']} | {row['key']} | {row['batch_size']} | "
+            f"{seconds:.3f} | {_fmt(ratio, 2, 'x')} | "
+            f"{_fmt(_ratio(builtin_none, seconds), 2, 'x')} | "
+            f"{_fmt(_ratio(same_none, seconds), 2, 'x')} | "
+            f"{row['updates_per_epoch']} | ok |"
+        )
+
+
+def _variant_baseline(row, k):
+    """What a profile row is compared with: the same configuration without
+    jit, or the library itself for a private variant."""
+    if row["method"] in methods.VARIANTS:
+        return f"keras_accum_k{k}"
+    if row["key"].endswith("_jit") and row["method"] != "keras_accum_epoch":
+        return row["key"].removesuffix("_jit")
+    return None
+
+
+def _one_line(text):
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
+    return " ".join(text.split()).replace("|", "/")
+
+
+def _profile_section(lines, profile, settings):
+    if not profile:
+        lines.append("Not run.")
+        return
+    breakdown = profile.get("op_breakdown")
+    if breakdown:
+        lines.append(
+            f"Op time per micro-step from `tf.profiler` (thread-ms summed "
+            f"over TensorFlow ops; {settings['model']}, "
+            f"{settings['optimizer']}, k={settings['k']}, b=32):"
+        )
+        lines.append("")
+        categories = sorted({c for row in breakdown.values()
+                             for c in row["op_ms_per_step_by_category"]})
+        lines.append("| configuration | op ms/step | over fwd+bwd | "
+                     "op executions/step | " + " | ".join(categories) + " |")
+        lines.append("|" + "---|" * (4 + len(categories)))
+        for key, row in breakdown.items():
+            cells = [_fmt(row["op_ms_per_step_by_category"].get(c), 2)
+                     for c in categories]
+            lines.append(
+                f"| {key} | {row['op_ms_per_step']:.2f} | "
+                f"{row['op_ms_per_step_over_fwd_bwd']:+.2f} | "
+                f"{row['op_executions_per_step']:.0f} | "
+                + " | ".join(cells) + " |"
+            )
+        accum_key = f"keras_accum_k{settings['k']}"
+        if accum_key in breakdown:
+            lines.append("")
+            lines.append(f"Most expensive ops of `{accum_key}` outside the "
+                         "forward/backward pass:")
+            lines.append("")
+            lines.append("| op | ms/step | executions |")
+            lines.append("|---|---|---|")
+            for op in breakdown[accum_key]["top_ops_outside_forward_backward"]:
+                lines.append(f"| `{op['op'][:90]}` | {op['ms_per_step']:.3f} "
+                             f"| {op['executions']} |")
+    variants = profile.get("variants")
+    if variants:
+        lines.append("")
+        lines.append("Wall-clock, interleaved in one process (median epoch):")
+        lines.append("")
+        lines.append("| configuration | s/epoch | time vs baseline | baseline "
+                     "| vs fwd+bwd | CPU s/epoch | foreign CPU |")
+        lines.append("|---|---|---|---|---|---|---|")
+        index = _index(variants["rows"])
+        reference = index.get("fwd_bwd")
+        for row in variants["rows"]:
+            if "error" in row:
+                lines.append(f"| {row['key']} | FAILED: "
+                             f"{_one_line(row['error'])[:200]} | | | | | |")
+                continue
+            seconds = row["median_epoch_s"]
+            base_key = _variant_baseline(row, settings["k"])
+            base = index.get(base_key) if base_key else None
+            vs_base = _ratio(seconds, base and base["median_epoch_s"])
+            vs_reference = _ratio(
+                seconds, reference and reference["median_epoch_s"]
+            )
+            lines.append(
+                f"| {row['key']} | {seconds:.3f} | {_fmt(vs_base, 2, 'x')} | "
+                f"{base_key or 'n/a'} | {_fmt(vs_reference, 2, 'x')} | "
+                f"{row['median_cpu_s']:.3f} | "
+                f"{row['median_foreign_cpu_share']:.0%} |"
+            )
+        agreement = variants.get("agreement", {})
+        if agreement:
+            lines.append("")
+            lines.append("Same weights as the library without jit after 2 "
+                         "epochs (max relative difference, float32): " +
+                         ", ".join(f"`{k}`: {_agreement(v)}"
+                                   for k, v in agreement.items()))
+
+
+def _library_line(library):
+    if not library:
+        return "unknown"
+    line = f"commit `{library.get('git_commit')}`"
+    if library.get("uncommitted_changes"):
+        line += " plus uncommitted changes"
+    return (line + f" (package files sha256 `{library['sha256']}`, copied "
+            "at the start of the run and used by every process)")
+
+
+def _agreement(value):
+    if isinstance(value, float):
+        return f"{value:.1e}"
+    return "n/a" if value is None else f"FAILED ({_one_line(value)[:200]})"
+
+
+def _header(data):
+    machine, settings = data["machine"], data["settings"]
+    total = data["durations_s"].get("total", 0)
+    return [
+        "# keras_accum benchmark results",
+        "",
+        (f"Generated {data['generated']} by `{data['command']}` "
+         f"({settings['mode']} mode, {total:.0f} s)."),
+        "",
+        "## Machine",
+        "",
+        (f"- `nproc`: {machine['nproc']}; CPU: {machine['cpu_model']}; "
+         f"memory: {_fmt(machine['memory_gib'], 1)} GiB; no GPU"),
+        (f"- TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, "
+         f"keras_accum {machine['keras_accum']}, Python {machine['python']}"),
+        f"- {machine['platform']}",
+        "- keras_accum measured: " + _library_line(data.get("library")),
+        ("- Shared machine: another engineer's test runs competed for the 2 "
+         "cores during parts of the run; the *foreign CPU* column is the "
+         "share of the machine's CPU time other processes used during the "
+         "timed epochs (median). Ratios come from configurations timed "
+         "interleaved in the same process, so they saw the same load."),
+        "",
+        "## Setup",
+        "",
+        (f"- Micro-batch b = {settings['micro_batch']}, k in "
+         f"{settings['ks']}, optimizers {settings['optimizers']} "
+         f"(learning rates {settings['learning_rates']}), synthetic data, "
+         "`shuffle=False`, `tf.data` input built before `fit`, "
+         "`jit_compile=False` (Keras' default on CPU)."),
+        f"- Examples per epoch: {settings['examples']}.",
+        (f"- Time: 1 warm-up epoch per configuration, then "
+         f"{settings['timing_rounds']} rounds in which every configuration "
+         "trains one epoch (order rotated each round); median epoch. "
+         "Epochs are timed from `on_epoch_begin` to `on_epoch_end`, which "
+         "includes keras_accum's epoch-end update."),
+        (f"- Memory: one fresh process per configuration "
+         f"({machine['isolation']}); peak RSS during one `fit` of "
+         f"{settings['memory_epochs']} epoch(s) minus RSS just before it."),
+        "",
+    ]
+
+
+def _overhead_section(lines, rows):
+    lines += [
+        "", "## Per micro-step overhead over forward+backward", "",
+        ("`fwd_bwd` is a model whose `train_step` computes the gradients "
+         "and applies nothing; `keras_accum_epoch` accumulates every "
+         "micro-step and applies once per epoch."),
+        "",
+        ("| model | optimizer | configuration | fwd+bwd ms/step | "
+         "ms/step | overhead ms/step | overhead % |"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['optimizer']} | {row['key']} | "
+            f"{row['fwd_bwd_ms_per_step']:.2f} | {row['ms_per_step']:.2f} | "
+            f"{row['overhead_ms_per_step']:+.2f} | "
+            f"{row['overhead_percent']:+.1f}% |"
+        )
+
+
+def write_markdown(data, path):
+    settings = data["settings"]
+    targets = compute_targets(data)
+    data["targets"] = targets
+    data["micro_step_overhead"] = micro_step_overheads(data)
+    lines = _header(data)
+    from models import DESCRIPTIONS
+
+    for model in settings["models"]:
+        lines += [f"### {DESCRIPTIONS.get(model, model)}", ""]
+        _timing_table(lines, model, data)
+        lines.append("")
+    lines += ["## Targets", ""]
+    _targets_table(lines, targets)
+    _overhead_section(lines, data["micro_step_overhead"])
+    lines += [
+        "", "## Exactness (float64)", "",
+        ("Tiny MLP (6-16-3), 3 epochs, `shuffle=False`; reference: plain "
+         "`fit` with batch k*b (or the whole data set for `\"epoch\"`). "
+         "The built-in matches only when k divides the number of "
+         "micro-batches per epoch and no micro-batch is short: with 96 "
+         "examples (12 micro-batches) for k=4 and for one window of 12; "
+         "for k=8 its windows straddle epochs."),
+        "",
+    ]
+    _exactness_table(lines, data.get("exactness") or [])
+    lines += ["", "## Distributed (MirroredStrategy, 2 logical CPUs)", ""]
+    _distributed_section(lines, data.get("distributed"))
+    lines += ["", "## Profile of the library's step", ""]
+    _profile_section(lines, data.get("profile"), settings["profile"])
+    check = data.get("memory_isolation_check")
+    if check:
+        lines += ["", "## Fork vs new interpreter (memory)", "",
+                  "| model | configuration | fork +MiB | spawn +MiB |",
+                  "|---|---|---|---|"]
+        for row in check:
+            lines.append(f"| {row['model']} | {row['key']} | "
+                         f"{row['fork_increase_mib']:.1f} | "
+                         f"{row['spawn_increase_mib']:.1f} |")
+    lines += ["", "## Failures", ""]
+    failures = list(data.get("failures", []))
+    for model, by_optimizer in data.get("timing", {}).items():
+        for optimizer, rows in by_optimizer.items():
+            failures += [dict(r, model=model, optimizer=optimizer)
+                         for r in rows if "error" in r]
+    if data.get("distributed"):
+        failures += [r for r in data["distributed"]["rows"] if "error" in r]
+    if not failures:
+        lines.append("None.")
+    for failure in failures:
+        where = failure.get("key") or failure.get("function")
+        context = ", ".join(f"{k}={failure[k]}" for k in
+                            ("model", "optimizer", "strategy") if k in failure)
+        lines.append(f"- `{where}` ({context}): "
+                     f"{_one_line(failure['error'])[:600]}")
+    lines.append("")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+
+
+def write_plots(data, results_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timing = data.get("timing", {})
+    memory = data.get("memory", {})
+    models = [m for m in data["settings"]["models"] if m in timing]
+    optimizers = data["settings"]["optimizers"]
+    ks = data["settings"]["ks"]
+    paths = []
+    if models:
+        figure, axes = plt.subplots(
+            len(optimizers) + 1, len(models),
+            figsize=(5 * len(models), 3.6 * (len(optimizers) + 1)),
+            squeeze=False,
+        )
+        styles = {
+            "plain_kb": ("plain fit @ k*b", "tab:gray", "s"),
+            "builtin": ("Keras built-in", "tab:orange", "^"),
+            "keras_accum": ("keras_accum k", "tab:blue", "o"),
+        }
+        for column, model in enumerate(models):
+            for row_index, optimizer in enumerate(optimizers):
+                axis = axes[row_index][column]
+                rows = _index(timing[model].get(optimizer, []))
+                for method, (label, color, marker) in styles.items():
+                    points = [(k, rows[f"{method}_k{k}"]["examples_per_s"])
+                              for k in ks if f"{method}_k{k}" in rows]
+                    if method == "plain_kb" and "plain_b" in rows:
+                        first = (1, rows["plain_b"]["examples_per_s"])
+                        points = [first] + points
+                    if points:
+                        axis.plot(*zip(*points), marker=marker, color=color,
+                                  label=label)
+                for key, label, style in (
+                    ("plain_b", "plain fit @ b", "k--"),
+                    ("keras_accum_epoch", 'keras_accum "epoch"', "b:"),
+                    ("fwd_bwd", "fwd+bwd only", "g-."),
+                ):
+                    if key in rows:
+                        axis.axhline(rows[key]["examples_per_s"],
+                                     linestyle=style[1:], color=style[0],
+                                     label=label, linewidth=1)
+                axis.set_xscale("log", base=2)
+                axis.set_xticks(ks)
+                axis.set_xticklabels([str(k) for k in ks])
+                axis.set_ylim(bottom=0)
+                axis.set_title(f"{model} / {optimizer}: throughput")
+                axis.set_xlabel("k (accumulation steps)")
+                axis.set_ylabel("examples/s")
+                axis.grid(alpha=0.3)
+                if column == 0 and row_index == 0:
+                    axis.legend(fontsize=7)
+            axis = axes[len(optimizers)][column]
+            rows = _index(memory.get(model, {}).get("adam", []))
+            if rows:
+                keys = [key for key in (
+                    ["plain_b"] + [f"plain_kb_k{k}" for k in ks if k >= 2]
+                    + [f"builtin_k{k}" for k in ks if k >= 2]
+                    + [f"keras_accum_k{k}" for k in ks]
+                    + ["keras_accum_epoch"]) if key in rows]
+                colors = ["tab:gray" if k.startswith("plain") else
+                          "tab:orange" if k.startswith("builtin") else
+                          "tab:blue" for k in keys]
+                axis.bar(range(len(keys)),
+                         [rows[k]["fit_increase_mib"] for k in keys],
+                         color=colors)
+                axis.set_xticks(range(len(keys)))
+                axis.set_xticklabels(keys, rotation=60, ha="right",
+                                     fontsize=7)
+                axis.set_ylabel("peak RSS increase during fit (MiB)")
+                axis.set_title(f"{model} / adam: peak memory")
+                axis.grid(alpha=0.3, axis="y")
+        figure.suptitle(
+            f"keras_accum benchmark ({data['settings']['mode']}), b="
+            f"{data['settings']['micro_batch']}, "
+            f"{data['machine']['nproc']} CPU cores, "
+            f"TF {data['machine']['tensorflow']}"
+        )
+        figure.tight_layout()
+        path = os.path.join(results_dir, "benchmark.png")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def write_all(data, out_dir, results_dir):
+    write_markdown(data, os.path.join(out_dir, "results.md"))
+    data["plots"] = [os.path.relpath(p, out_dir)
+                     for p in write_plots(data, results_dir)]

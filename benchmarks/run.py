@@ -1,0 +1,417 @@
+"""Runs the keras_accum benchmark and writes JSON, Markdown and plots.
+
+Usage (from the repository root):
+
+    python benchmarks/run.py            # full run, ~20-25 min on 2 cores
+    python benchmarks/run.py --quick    # smoke run, < 3 min
+
+The full run writes `benchmarks/results.md` and `benchmarks/results/`; the
+quick run writes to `benchmarks/results/tmp/quick/` unless `--out` is given.
+See `benchmarks/README.md` for what is measured and how.
+"""
+
+import argparse
+import datetime
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import config
+import isolation
+
+# Nothing that imports keras_accum is imported at module level: the package
+# is snapshotted first (see `snapshot_library`), then imported from the copy.
+
+PHASES = ("timing", "memory", "exactness", "distributed", "profile")
+
+
+def snapshot_library():
+    """Copies the `keras_accum` package to a temporary directory and puts
+    that copy first on the import path of this process and its children.
+
+    A run takes ~20 minutes and the package may be edited meanwhile: forked
+    children would run the code imported at start while AutoGraph re-reads
+    the edited source from disk (seen: `tf__scaled() takes 2 positional
+    arguments but 3 were given`), and spawned children would import whatever
+    version is on disk. The snapshot measures one version throughout.
+
+    Returns:
+        A dict describing the snapshot (source, SHA-256 of the files, the
+        git commit and whether the package differs from it).
+    """
+    spec = importlib.util.find_spec("keras_accum")
+    source = spec.submodule_search_locations[0]
+    root = tempfile.mkdtemp(prefix="keras_accum_benchmark_")
+    target = os.path.join(root, "keras_accum")
+    shutil.copytree(source, target,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(target)):
+        if name.endswith(".py"):
+            with open(os.path.join(target, name), "rb") as handle:
+                digest.update(name.encode() + handle.read())
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                  if p]
+    )
+    info = {"source": source, "snapshot": target,
+            "sha256": digest.hexdigest()[:16]}
+    repository = os.path.dirname(source)
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "-C", repository, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip() or None
+        changed = subprocess.run(
+            ["git", "-C", repository, "status", "--porcelain", "--",
+             "keras_accum"],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip()
+        info["uncommitted_changes"] = bool(changed)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _settings(quick):
+    return {
+        "mode": "quick" if quick else "full",
+        "micro_batch": config.MICRO_BATCH,
+        "ks": list(config.QUICK_KS if quick else config.FULL_KS),
+        "models": list(config.QUICK_MODELS if quick else config.FULL_MODELS),
+        "optimizers": list(
+            config.QUICK_OPTIMIZERS if quick else config.FULL_OPTIMIZERS
+        ),
+        "learning_rates": config.LEARNING_RATES,
+        "examples": config.QUICK_EXAMPLES if quick else config.FULL_EXAMPLES,
+        "timing_rounds": (
+            config.QUICK_TIMING_ROUNDS if quick else config.FULL_TIMING_ROUNDS
+        ),
+        "memory_epochs": (
+            config.QUICK_MEMORY_EPOCHS if quick else config.FULL_MEMORY_EPOCHS
+        ),
+        "distributed": {
+            "devices": config.DISTRIBUTED_DEVICES,
+            "k": config.DISTRIBUTED_K,
+            "global_batch": config.DISTRIBUTED_GLOBAL_BATCH,
+            "examples": (
+                config.QUICK_DISTRIBUTED_EXAMPLES if quick
+                else config.FULL_DISTRIBUTED_EXAMPLES
+            ),
+            "rounds": 1 if quick else 3,
+        },
+        "exactness": {
+            "ragged_examples": config.EXACT_RAGGED_EXAMPLES,
+            # The divisible control (built-in exact too) in full runs only.
+            "divisible_examples": (
+                None if quick else config.EXACT_DIVISIBLE_EXAMPLES
+            ),
+            "micro_batch": config.EXACT_MICRO_BATCH,
+            "ks": list(
+                config.QUICK_EXACT_KS if quick else config.FULL_EXACT_KS
+            ),
+            "epochs": config.EXACT_EPOCHS,
+        },
+        "profile": {
+            "model": "mlp",
+            "optimizer": "adam",
+            "k": 8,
+            "examples": 256 if quick else 2048,
+            "rounds": 1 if quick else 4,
+        },
+    }
+
+
+def _machine(isolation_mode):
+    import keras
+    import tensorflow as tf
+
+    import keras_accum
+
+    cpu_model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    memory_gib = int(line.split()[1]) / 1024 / 1024
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_accum": keras_accum.__version__,
+        "isolation": isolation_mode,
+        "gpu": "none used (CPU benchmark)",
+    }
+
+
+class Runner:
+    def __init__(self, args, library):
+        self.args = args
+        self.quick = args.quick
+        self.settings = _settings(args.quick)
+        self.results_dir = os.path.join(args.out, "results")
+        os.makedirs(self.results_dir, exist_ok=True)
+        self.json_path = os.path.join(self.results_dir, "benchmark.json")
+        self.data = {
+            "generated": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/run.py"] + sys.argv[1:]),
+            "settings": dict(self.settings, memory_jobs=args.memory_jobs),
+            "machine": _machine(args.isolation),
+            "library": library,
+            "durations_s": {},
+            "failures": [],
+        }
+
+    def log(self, message):
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:7.1f} s] {message}", flush=True)
+
+    def child(self, module, function, kwargs, mode=None):
+        result = isolation.run_isolated(
+            module, function, kwargs, config.CHILD_TIMEOUT,
+            mode or self.args.isolation,
+        )
+        if not result["ok"]:
+            failure = {"module": module, "function": function,
+                       "kwargs": kwargs, "error": result["error"],
+                       "traceback": result.get("traceback", "")}
+            self.data["failures"].append(failure)
+            self.log(f"  FAILED {module}.{function}: {result['error'][:300]}")
+            return None
+        return result["value"]
+
+    def save(self):
+        with open(self.json_path, "w") as handle:
+            json.dump(self.data, handle, indent=1, sort_keys=False)
+
+    def run(self, phases):
+        self.started = time.monotonic()
+        for phase in phases:
+            phase_started = time.monotonic()
+            self.log(f"phase {phase}")
+            getattr(self, f"phase_{phase}")()
+            self.data["durations_s"][phase] = time.monotonic() - phase_started
+            self.save()
+        self.data["durations_s"]["total"] = time.monotonic() - self.started
+        import report
+
+        report.write_all(self.data, self.args.out, self.results_dir)
+        self.save()
+        self.log(f"wrote {self.json_path} and "
+                 f"{os.path.join(self.args.out, 'results.md')}")
+
+    def _groups(self):
+        for model in self.settings["models"]:
+            for optimizer in self.settings["optimizers"]:
+                yield model, optimizer
+
+    def phase_timing(self):
+        timing_results = self.data.setdefault("timing", {})
+        for model, optimizer in self._groups():
+            self.log(f"  timing {model}/{optimizer}")
+            rows = self.child("timing", "time_group", {
+                "model": model,
+                "optimizer": optimizer,
+                "ks": self.settings["ks"],
+                "examples": self.settings["examples"][model],
+                "rounds": self.settings["timing_rounds"],
+                "micro_batch": config.MICRO_BATCH,
+                "learning_rate": config.LEARNING_RATES[optimizer],
+            })
+            timing_results.setdefault(model, {})[optimizer] = rows or []
+            self.save()
+
+    def phase_memory(self):
+        import concurrent.futures
+
+        import methods
+
+        memory_results = self.data.setdefault("memory", {})
+        jobs = max(1, self.args.memory_jobs)
+        for model, optimizer in self._groups():
+            configs = methods.configurations(self.settings["ks"])
+            self.log(f"  memory {model}/{optimizer}: {len(configs)} "
+                     f"processes, {jobs} at a time")
+            kwargs = [{
+                "model": model,
+                "optimizer": optimizer,
+                "config": config_,
+                "examples": self.settings["examples"][model],
+                "micro_batch": config.MICRO_BATCH,
+                "learning_rate": config.LEARNING_RATES[optimizer],
+                "epochs": self.settings["memory_epochs"],
+            } for config_ in configs]
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                rows = list(pool.map(
+                    lambda k: self.child("memory", "measure_memory", k),
+                    kwargs,
+                ))
+            memory_results.setdefault(model, {})[optimizer] = [
+                row for row in rows if row is not None
+            ]
+            self.save()
+        if self.args.isolation == "fork" and not self.quick:
+            self._isolation_check()
+
+    def _isolation_check(self):
+        """One configuration measured in a new interpreter as well, to show
+        that forked children measure what fresh interpreters do."""
+        import methods
+
+        model = self.settings["models"][-1]
+        checks = []
+        for config_ in ({"method": "plain_b", "k": 1},
+                        {"method": "keras_accum", "k": 8}):
+            kwargs = {
+                "model": model, "optimizer": "adam", "config": config_,
+                "examples": self.settings["examples"][model],
+                "micro_batch": config.MICRO_BATCH,
+                "learning_rate": config.LEARNING_RATES["adam"],
+                "epochs": self.settings["memory_epochs"],
+            }
+            spawned = self.child("memory", "measure_memory", kwargs, "spawn")
+            forked = self.child("memory", "measure_memory", kwargs, "fork")
+            if spawned and forked:
+                checks.append({
+                    "model": model, "optimizer": "adam",
+                    "key": methods.config_key(config_),
+                    "spawn_increase_mib": spawned["fit_increase_mib"],
+                    "fork_increase_mib": forked["fit_increase_mib"],
+                })
+        self.data["memory_isolation_check"] = checks
+
+    def phase_exactness(self):
+        settings = self.settings["exactness"]
+        self.data["exactness"] = self.child("exactness", "measure_exactness", {
+            "ragged_examples": settings["ragged_examples"],
+            "divisible_examples": settings["divisible_examples"],
+            "micro_batch": settings["micro_batch"],
+            "ks": settings["ks"],
+            "epochs": settings["epochs"],
+            "optimizers": self.settings["optimizers"],
+        }) or []
+
+    def phase_distributed(self):
+        settings = self.settings["distributed"]
+        # Always a new interpreter: logical devices need a pristine runtime.
+        self.data["distributed"] = self.child(
+            "distributed", "measure_distributed", {
+                "devices": settings["devices"],
+                "k": settings["k"],
+                "global_batch": settings["global_batch"],
+                "examples": settings["examples"],
+                "rounds": settings["rounds"],
+                "learning_rate": config.LEARNING_RATES["adam"],
+                "quick": self.quick,
+            }, mode="spawn",
+        )
+
+    def phase_profile(self):
+        settings = self.settings["profile"]
+        common = {
+            "model": settings["model"],
+            "optimizer": settings["optimizer"],
+            "k": settings["k"],
+            "examples": settings["examples"],
+            "micro_batch": config.MICRO_BATCH,
+            "learning_rate": config.LEARNING_RATES[settings["optimizer"]],
+        }
+        self.log("  op breakdown (tf.profiler)")
+        breakdown = self.child("profile_step", "op_breakdown",
+                               dict(common, repeats=1 if self.quick else 3))
+        self.log("  variants and jit_compile")
+        variants = self.child("profile_step", "variant_timings",
+                              dict(common, rounds=settings["rounds"],
+                                   quick=self.quick))
+        self.data["profile"] = {"op_breakdown": breakdown,
+                                "variants": variants}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small smoke run (< 3 minutes)")
+    parser.add_argument("--out", default=None,
+                        help="output directory for results.md and results/ "
+                             "(default: benchmarks/, or "
+                             "benchmarks/results/tmp/quick with --quick)")
+    parser.add_argument("--isolation", choices=("fork", "spawn"),
+                        default="fork",
+                        help="fresh process per measurement: fork a "
+                             "pre-imported parent (default) or start a new "
+                             "interpreter each time")
+    parser.add_argument("--memory-jobs", type=int, default=1,
+                        help="memory measurements run at the same time, "
+                             "each in its own process (default 1)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.md and plots from the JSON")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = (os.path.join(HERE, "results", "tmp", "quick")
+                    if args.quick else HERE)
+    args.out = os.path.abspath(args.out)
+    if args.report_only:
+        import report
+
+        results_dir = os.path.join(args.out, "results")
+        with open(os.path.join(results_dir, "benchmark.json")) as handle:
+            data = json.load(handle)
+        report.write_all(data, args.out, results_dir)
+        return 0
+    phases = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {unknown}; choose from {PHASES}")
+    library = snapshot_library()
+    if args.isolation == "fork":
+        # Import once here, run no TensorFlow op: forked children start from
+        # a pristine runtime without paying the import again.
+        import keras  # noqa: F401
+        import memory  # noqa: F401
+        import profile_step  # noqa: F401
+        import tensorflow  # noqa: F401
+        import timing  # noqa: F401
+
+        import keras_accum  # noqa: F401
+    try:
+        Runner(args, library).run(phases)
+    finally:
+        shutil.rmtree(os.path.dirname(library["snapshot"]),
+                      ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

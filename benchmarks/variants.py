@@ -1,0 +1,179 @@
+"""Private, experimental variants of the library's step (profiling only).
+
+Nothing here is used by the main benchmark tables, which measure the real
+`keras_accum`. `profile_step.py` times these variants beside the library to
+put numbers on suggested library changes. They subclass the library and
+override one or two of its private methods, so a change of the library's
+internals can break them; the profile then records the error instead of a
+time. Each is checked to train to the library's weights.
+"""
+
+import tensorflow as tf
+
+from keras_accum.accumulating_model import AccumulatingModel
+from keras_accum.accumulating_model import FunctionalAccumulatingModel
+
+
+class XlaMicroStepAccumulatingModel(FunctionalAccumulatingModel):
+    """`jit_compile=True` for the micro-step only; the window apply runs
+    outside XLA.
+
+    With `compile(jit_compile=True)`, Keras compiles the whole step with XLA,
+    including the `tf.cond` that applies the window. An XLA conditional
+    returns every variable either branch writes, so every micro-step copies
+    the weights, the optimizer slots and the accumulators, even when the
+    window is not full. Here the library's step is compiled as a nested
+    `tf.function(jit_compile=True)` whose call to `_apply_window_when` is
+    deferred, and the deferred call runs in the ordinary graph after it.
+    """
+
+    _micro_step_jit = False
+    _micro_step = None
+    _defer_apply = False
+    _deferred = None
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        requested = bool(self.jit_compile)
+        self._micro_step_jit = requested
+        self._micro_step = None
+        self._jit_compile = False
+        try:
+            return super().make_train_function(force=force)
+        finally:
+            self._jit_compile = requested
+
+    def _apply_window_when(self, condition, divides):
+        if self._defer_apply:
+            self._deferred = (condition, divides)
+            return None
+        return super()._apply_window_when(condition, divides)
+
+    def train_step(self, data):
+        if not self._micro_step_jit:
+            return super().train_step(data)
+        if self._micro_step is None:
+
+            def micro_step(batch):
+                self._defer_apply = True
+                try:
+                    return AccumulatingModel.train_step(self, batch)
+                finally:
+                    self._defer_apply = False
+
+            self._micro_step = tf.function(micro_step, jit_compile=True)
+        self._deferred = None
+        logs = self._micro_step(data)
+        if self._deferred is not None:
+            condition, divides = self._deferred
+            AccumulatingModel._apply_window_when(self, condition, divides)
+        return logs
+
+
+class _XlaApplyMixin:
+    """Runs the library's window apply (`_apply_window`: divide by the
+    normaliser, optimizer update, reset) as one XLA-compiled function.
+
+    The micro-step is unchanged and the `tf.cond` stays outside XLA, so
+    nothing is copied on micro-steps that do not apply; the apply itself
+    runs fused (Keras' Adam is ~20 separate element-wise ops per weight
+    without XLA).
+    """
+
+    _xla_apply = None
+
+    def _apply_window(self, strategy, divides):
+        if self._xla_apply is None:
+            parent = super()
+
+            def apply_window():
+                parent._apply_window(strategy, divides)
+                return tf.constant(True)
+
+            self._xla_apply = tf.function(apply_window, jit_compile=True)
+        return self._xla_apply()
+
+
+class XlaApplyAccumulatingModel(_XlaApplyMixin, FunctionalAccumulatingModel):
+    """XLA for the window apply only (micro-steps run without XLA)."""
+
+
+class XlaSplitAccumulatingModel(_XlaApplyMixin, XlaMicroStepAccumulatingModel):
+    """XLA for the micro-step and, separately, for the window apply."""
+
+
+class FusedAddAccumulatingModel(FunctionalAccumulatingModel):
+    """Scales and adds each gradient in one op, skipping with a `tf.cond`.
+
+    The library's `_accumulate_if_finite` reads every gradient three times
+    and writes it twice per micro-step: `reduce_sum` (finiteness),
+    `multiply_no_nan` by the micro-batch's scale (a full-size temporary),
+    then `assign_add`. Here the update is
+    `ResourceApplyGradientDescent(acc, alpha=-scale, delta=g)`, i.e.
+    `acc += scale * g` in one read-read-write pass without temporary, inside
+    a `tf.cond` on the same finiteness check (a non-finite micro-batch is
+    skipped and counted exactly as in the library). Float32 without loss
+    scaling only, which is what the profile runs.
+    """
+
+    _finite_check = True
+
+    def _accumulate_if_finite(self, term_gradients, scales, normalisers):
+        if getattr(self.optimizer, "dynamic_scale", None) is not None:
+            raise NotImplementedError("variant without loss scaling only")
+        accumulator = self._accumulator
+
+        def add():
+            for accumulators, gradients, scale in zip(
+                accumulator.gradients, term_gradients, scales
+            ):
+                for variable, gradient in zip(accumulators, gradients):
+                    if gradient is None:
+                        continue
+                    variable = variable.value
+                    factor = tf.cast(scale, variable.dtype)
+                    if isinstance(gradient, tf.IndexedSlices):
+                        variable.scatter_add(tf.IndexedSlices(
+                            tf.cast(gradient.values, variable.dtype) * factor,
+                            gradient.indices, gradient.dense_shape,
+                        ))
+                    else:
+                        tf.raw_ops.ResourceApplyGradientDescent(
+                            var=variable.handle, alpha=-factor,
+                            delta=tf.cast(gradient, variable.dtype),
+                        )
+            accumulator.normalisers.value.assign_add(
+                tf.cast(normalisers, accumulator.normalisers.dtype),
+                read_value=False,
+            )
+            return tf.no_op()
+
+        if self._finite_check:
+            flat = [
+                g.values if isinstance(g, tf.IndexedSlices) else g
+                for gradients in term_gradients for g in gradients
+                if g is not None
+            ]
+            total = tf.add_n(
+                [tf.cast(tf.reduce_sum(g), tf.float32) for g in flat]
+            )
+            finite = tf.math.is_finite(total)
+
+            def skip():
+                accumulator.skipped.value.assign_add(1, read_value=False)
+                return tf.no_op()
+
+            tf.cond(finite, add, skip)
+        else:
+            add()
+        accumulator.count_micro_batch()
+
+
+class FusedAddNoStepCheckAccumulatingModel(FusedAddAccumulatingModel):
+    """`FusedAdd` without the per-micro-step finiteness check and its
+    `tf.cond`: what a check once per window, on the accumulated sum (the
+    big batch's semantics: one non-finite example spoils the big batch's
+    gradient too), would save on the other k-1 micro-steps."""
+
+    _finite_check = False

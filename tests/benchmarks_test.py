@@ -1,0 +1,44 @@
+"""Smoke test of `benchmarks/run.py --quick` (issue 7).
+
+Runs the quick benchmark in a subprocess into a temporary directory and
+checks that it writes its Markdown, JSON and plot. No timing assertion: the
+numbers of a shared 2-core machine are not a test oracle.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(REPOSITORY, "benchmarks", "run.py")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results(tmp_path):
+    environment = dict(os.environ, KERAS_BACKEND="tensorflow",
+                       TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, RUN, "--quick", "--out", str(tmp_path)],
+        cwd=REPOSITORY,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+    assert (tmp_path / "results.md").is_file()
+    assert (tmp_path / "results" / "benchmark.png").is_file()
+    with open(tmp_path / "results" / "benchmark.json") as handle:
+        data = json.load(handle)
+    assert data["settings"]["mode"] == "quick"
+    for section in ("machine", "timing", "memory", "exactness",
+                    "distributed", "profile", "targets"):
+        assert section in data, section
+    keys = {row["key"] for row in data["timing"]["mlp"]["adam"]}
+    assert {"plain_b", "builtin_k8", "keras_accum_k8",
+            "keras_accum_epoch"} <= keys
