@@ -159,10 +159,24 @@ class AccumulatingModel(keras.Model):
 
     @property
     def skipped_micro_batches(self):
-        """Micro-batches whose non-finite gradients were not accumulated."""
+        """Micro-batches whose non-finite gradients were not accumulated.
+
+        Counted under `on_nonfinite="skip"`, since the start of `fit`.
+        """
         if not self._accumulator.built:
             return 0
         return int(self._accumulator.skipped.numpy())
+
+    @property
+    def discarded_windows(self):
+        """Windows not applied because their gradient was not finite.
+
+        Counted since the start of `fit`; under `on_nonfinite="raise"`, `fit`
+        raises at the first one.
+        """
+        if not self._accumulator.built:
+            return 0
+        return int(self._accumulator.discarded.numpy())
 
     def get_config(self):
         config = super().get_config()
@@ -331,8 +345,25 @@ class AccumulatingModel(keras.Model):
             self._loss_tracker.update_state(
                 logged_loss, sample_weight=logging_weight
             )
+            dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
+            if dynamic_scaling:
+                # The normaliser multiplies the gradient, not the loss, so
+                # the scaled loss stays in the float16 range.
+                objectives_to_differentiate = contribution.objectives
+                gradient_scales = contribution.gradient_scales
+            else:
+                # Weighting the loss costs one scalar multiply; weighting the
+                # gradients would cost a pass over every gradient per step.
+                objectives_to_differentiate = [
+                    objective * scale
+                    for objective, scale in zip(
+                        contribution.objectives, contribution.gradient_scales
+                    )
+                ]
+                gradient_scales = None
             scaled = [
-                self.optimizer.scale_loss(o) for o in contribution.objectives
+                self.optimizer.scale_loss(o)
+                for o in objectives_to_differentiate
             ]
 
         trainable_variables = self.trainable_variables
@@ -341,11 +372,16 @@ class AccumulatingModel(keras.Model):
         ]
         del tape
         self._window_divides = contribution.divides
-        self._accumulate_if_finite(
-            term_gradients,
-            contribution.gradient_scales,
-            contribution.normalisers,
-        )
+        if dynamic_scaling or self._on_nonfinite == "skip":
+            self._accumulate_if_finite(
+                term_gradients, gradient_scales, contribution.normalisers
+            )
+        else:
+            # The lean step: one `assign_add` per weight. A non-finite
+            # gradient reaches the sums, and the window is checked (once)
+            # before it is applied.
+            self._accumulator.add(term_gradients, contribution.normalisers)
+            self._accumulator.count_micro_batch()
         if self._schedule.value != validation.EPOCH:
             self._apply_window_when(self._window_is_full, contribution.divides)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -370,28 +406,26 @@ class AccumulatingModel(keras.Model):
             full = tf.logical_and(
                 window > 0, accumulator.mini_step.value >= window
             )
-        if (
-            self._on_nonfinite == "raise"
-            and self.distribute_strategy.num_replicas_in_sync == 1
-        ):
-            # A window with a non-finite micro-batch is not applied: `fit`
-            # raises after this batch. (Across replicas this would need a
-            # reduction per step; there the window goes without it.)
-            full = tf.logical_and(full, accumulator.skipped.value == 0)
         return full
 
     def _accumulate_if_finite(self, term_gradients, scales, normalisers):
         """Adds the micro-batch, unless one of its gradients is not finite.
 
-        Each term's gradients are multiplied by its scale (normaliser and
-        replica count, see `objectives`) and divided by the loss scale under
-        `mixed_float16`, in one product per tensor. A non-finite micro-batch
-        gets a factor of zero through `multiply_no_nan`, which zeroes NaN and
-        infinite entries too, so it never reaches the accumulators; a
-        `tf.cond` around the update would cost a quarter of a step on CPU.
-        Under loss scaling it lowers the scale, as `LossScaleOptimizer` does
-        for a step; otherwise it is counted in `skipped`, and the flush
-        callback raises for `on_nonfinite="raise"`.
+        The per-micro-batch check, used under dynamic loss scaling and with
+        `on_nonfinite="skip"`. A non-finite micro-batch gets a factor of zero
+        through `multiply_no_nan`, which zeroes NaN and infinite entries too,
+        so it never reaches the accumulators (cheaper than a `tf.cond`
+        around the update on CPU). Under loss scaling the factor also holds
+        the term's scale (normaliser and replica count, see `objectives`)
+        divided by the loss scale, and a non-finite micro-batch lowers the
+        scale, as `LossScaleOptimizer` does for a step; otherwise it is
+        counted in `skipped`.
+
+        Args:
+            term_gradients: One list of gradients per loss term.
+            scales: One scalar per loss term to multiply its gradients by,
+                or `None` when the loss was already weighted.
+            normalisers: Vector of each term's normaliser for this batch.
         """
         flat = [
             g.values if isinstance(g, tf.IndexedSlices) else g
@@ -402,12 +436,15 @@ class AccumulatingModel(keras.Model):
         # A sum is finite iff every element is (barring overflow of the sum).
         total = tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in flat])
         finite = tf.math.is_finite(total)
+        keep = tf.cast(finite, normalisers.dtype)
         loss_scale_value = getattr(self.optimizer, "dynamic_scale", None)
+        if scales is None:
+            scales = [tf.ones((), normalisers.dtype)] * len(term_gradients)
 
         def factor(scale):
-            keep = tf.cast(finite, scale.dtype)
+            scale = tf.cast(scale, keep.dtype)
             if loss_scale_value is not None:
-                return keep * scale / tf.cast(loss_scale_value, scale.dtype)
+                return keep * scale / tf.cast(loss_scale_value, keep.dtype)
             return keep * scale
 
         def scaled(gradient, term_factor):
@@ -432,7 +469,7 @@ class AccumulatingModel(keras.Model):
                 [scaled(g, factor(scale)) for g in gradients]
                 for gradients, scale in zip(term_gradients, scales)
             ],
-            normalisers * tf.cast(finite, normalisers.dtype),
+            normalisers * keep,
         )
         # A skipped micro-batch still takes its place in the window, so
         # windows keep their positions in the epoch.
@@ -468,18 +505,49 @@ class AccumulatingModel(keras.Model):
         )
 
     def _apply_window(self, strategy, divides):
-        """Divides by the window's normalisers, then applies the gradient."""
-        normalisers = None
-        if any(divides):
-            # The only reduction besides the optimizer's own all-reduce of
-            # the gradients: the window's normalisers, one per loss term.
-            normalisers = distribute_utils.sum_across_replicas(
-                strategy, self._accumulator.normalisers
+        """Applies the window's gradient, or discards it if not finite.
+
+        One scalar reduction besides the optimizer's all-reduce of the
+        gradients: each replica's normaliser sums together with a flag
+        saying whether its gradient sums are finite, so every replica takes
+        the same decision.
+        """
+        cross_replica = tf.distribute.in_cross_replica_context()
+
+        def local_totals():
+            accumulator = self._accumulator
+            nonfinite = tf.logical_not(accumulator.local_sums_are_finite())
+            normalisers = tf.convert_to_tensor(accumulator.normalisers.value)
+            return tf.concat(
+                [normalisers, tf.cast(nonfinite, normalisers.dtype)[None]],
+                axis=0,
             )
-        if tf.distribute.in_cross_replica_context():
-            strategy.run(self._apply_local_sums, args=(normalisers, divides))
+
+        if cross_replica:
+            totals = strategy.reduce(
+                tf.distribute.ReduceOp.SUM, strategy.run(local_totals),
+                axis=None,
+            )
         else:
-            self._apply_local_sums(normalisers, divides)
+            totals = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, local_totals()
+            )
+        normalisers, nonfinite_replicas = totals[:-1], totals[-1]
+
+        def run_in_replicas(function, *args):
+            if cross_replica:
+                strategy.run(function, args=args)
+            else:
+                function(*args)
+            return tf.no_op()
+
+        tf.cond(
+            tf.equal(nonfinite_replicas, 0),
+            lambda: run_in_replicas(
+                self._apply_local_sums, normalisers, divides
+            ),
+            lambda: run_in_replicas(self._accumulator.discard),
+        )
         return tf.no_op()
 
     def _apply_local_sums(self, normalisers, divides):

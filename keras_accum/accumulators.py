@@ -27,8 +27,9 @@ class GradientAccumulator:
     loss term that is normalised separately (one, unless
     `loss_normalisation="per_loss"`), a vector with each term's normaliser
     sum (examples, valid entries or sample-weight sum), the `mini_step`
-    counter of micro-batches in the window, and the count of micro-batches
-    skipped for non-finite gradients. The object is deliberately not a
+    counter of micro-batches in the window, the count of micro-batches
+    skipped for non-finite gradients, and the count of windows discarded
+    because their sum was not finite. The object is deliberately not a
     `keras.layers.Layer`, so the model does not track these variables:
     `model.weights`, `get_weights()` and saved weights are exactly those of
     the user's layers.
@@ -41,6 +42,9 @@ class GradientAccumulator:
         window: Int64 scalar variable, the current window (0: epoch end).
         skipped: Int64 scalar variable, micro-batches with non-finite
             gradients that were not added, since the start of `fit`.
+        discarded: Int64 scalar variable, windows not applied because
+            their accumulated gradient was not finite, since the start of
+            `fit`.
     """
 
     def __init__(self):
@@ -50,6 +54,7 @@ class GradientAccumulator:
         self.mini_step = None
         self.window = None
         self.skipped = None
+        self.discarded = None
         # The traced epoch-end apply function; kept here, off the model, so
         # neither Keras nor SavedModel export tracks it.
         self.apply_function = None
@@ -85,6 +90,7 @@ class GradientAccumulator:
         )
         self.mini_step = self._counter("mini_step")
         self.window = self._counter("window")
+        self.discarded = self._counter("discarded_windows")
         self.skipped = keras.Variable(
             initializer="zeros",
             shape=(),
@@ -135,13 +141,30 @@ class GradientAccumulator:
         )
 
     def count_micro_batch(self):
-        """Counts one micro-batch of the window, added or skipped.
-
-        Separate from `add`: `mini_step` is mirrored, and updating it in
-        replica context is a merge call, which may not run inside the
-        `tf.cond` that guards `add`.
-        """
+        """Counts one micro-batch of the window, added or skipped."""
         self.mini_step.value.assign_add(1, read_value=False)
+
+    def local_sums_are_finite(self):
+        """Whether this replica's gradient sums are all finite (scalar bool).
+
+        Replica context. Once per window, so it can afford an element-wise
+        check: a sum of finite gradients can overflow, which a check of the
+        sum alone would mistake for a non-finite gradient.
+        """
+        return tf.reduce_all(
+            tf.stack(
+                [
+                    tf.reduce_all(tf.math.is_finite(v.value))
+                    for term in self.gradients
+                    for v in term
+                ]
+            )
+        )
+
+    def discard(self):
+        """Drops the window without applying it, and counts it."""
+        self.discarded.value.assign_add(1, read_value=False)
+        self.reset()
 
     def reset(self):
         """Zeroes the gradient sums, normalisers and the window counter."""

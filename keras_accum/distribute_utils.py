@@ -1,28 +1,6 @@
-"""`tf.distribute` helpers: cross-replica sums and multi-worker fixes."""
+"""`tf.distribute` helpers: multi-worker fixes."""
 
 import tensorflow as tf
-
-
-def sum_across_replicas(strategy, variable):
-    """Sums a replica-local (on-read, `SUM`) variable over all replicas.
-
-    Works in both contexts: in cross-replica context reading the variable
-    sums its replica copies; in replica context an all-reduce does.
-
-    Args:
-        strategy: The `tf.distribute.Strategy` the variable lives under.
-        variable: A `keras.Variable` created with `synchronization="on_read"`
-            and `aggregation="sum"`.
-
-    Returns:
-        The sum, a tensor.
-    """
-    if tf.distribute.in_cross_replica_context():
-        return tf.convert_to_tensor(variable.value)
-    del strategy
-    return tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.convert_to_tensor(variable.value)
-    )
 
 
 def is_multi_worker(strategy):

@@ -26,11 +26,10 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
       `TerminateOnNaN`), the incomplete window is discarded, not applied.
     - `on_epoch_begin` sets the window of the epoch for `accumulate`
       schedules.
-    - With `on_nonfinite="raise"`, a micro-batch whose gradient is not finite
-      (it is never added) raises `FloatingPointError` after its batch. On one
-      device its window is not applied; across replicas the window may
-      already have been applied without it, when that micro-batch completed
-      it (knowing earlier would need a reduction every step).
+    - With `on_nonfinite="raise"`, a window whose accumulated gradient is
+      not finite is not applied (on any replica), and `FloatingPointError`
+      is raised after the batch that ended it, naming the window's batches.
+      Windows are checked, not micro-batches: one read per window.
 
     Example:
 
@@ -44,7 +43,9 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._epoch_pending = False
         self._epoch = 0
         self._batches_seen = 0
-        self._skipped_reported = 0
+        self._window = 0
+        self._windows_checked = 0
+        self._discarded_reported = 0
 
     def set_model(self, model):
         from keras_accum.accumulating_model import AccumulatingModel
@@ -67,17 +68,27 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         if self._accumulator is not None:
             self.model.reset_accumulated_gradients()
             self._accumulator.skipped.assign(0)
-        self._skipped_reported = 0
+            self._accumulator.discarded.assign(0)
+        self._discarded_reported = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_pending = True
         self._batches_seen = 0
+        self._window = self.model._schedule.window_size(epoch)
+        self._windows_checked = 0
         self.model._begin_epoch(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches_seen = batch + 1
-        self._check_finite(f"batch {batch}")
+        # Only after a batch that completed a window (with
+        # `steps_per_execution`, possibly several): no read on other batches.
+        if self._window and self._batches_seen // self._window > (
+            self._windows_checked
+        ):
+            first = self._windows_checked * self._window
+            self._windows_checked = self._batches_seen // self._window
+            self._check_finite(first, self._windows_checked * self._window)
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` runs before `on_epoch_end`.
@@ -92,7 +103,6 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._epoch_pending = False
         if self._accumulator is None:
             return
-        self._check_finite("one of its batches")
         steps = (self.params or {}).get("steps")
         if self.model.stop_training and (
             steps is None or self._batches_seen < steps
@@ -108,24 +118,24 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
             self.model.reset_accumulated_gradients()
             return
         self.model.apply_accumulated_gradients()
+        self._check_finite(
+            self._windows_checked * self._window, self._batches_seen
+        )
 
-    def _check_finite(self, where):
+    def _check_finite(self, first_batch, end_batch):
+        """Raises if a window of batches `[first_batch, end_batch)` was
+        discarded for a non-finite gradient (`on_nonfinite="raise"`)."""
         if self.model.on_nonfinite != "raise" or self._accumulator is None:
             return
-        skipped = self.model.skipped_micro_batches
-        if skipped > self._skipped_reported:
-            self._skipped_reported = skipped
+        discarded = self.model.discarded_windows
+        if discarded > self._discarded_reported:
+            self._discarded_reported = discarded
             self._epoch_pending = False
-            if self.model.distribute_strategy.num_replicas_in_sync == 1:
-                effect = (
-                    "no update was applied for its window; the weights are "
-                    "those of the last update"
-                )
-            else:
-                effect = "it was left out of its window"
             raise FloatingPointError(
-                f"Non-finite gradient in epoch {self._epoch}, {where}: the "
-                f"micro-batch was not accumulated and {effect}. Check the "
-                "data and the learning rate, or pass on_nonfinite=\"skip\" "
-                "to skip such micro-batches."
+                f"Non-finite gradient in epoch {self._epoch}, in the window "
+                f"of batches {first_batch}-{end_batch - 1}: its update was "
+                "not applied, and the weights are those of the last update. "
+                "Check the data and the learning rate, or pass "
+                "on_nonfinite=\"skip\" to skip non-finite micro-batches "
+                "(checked every micro-batch)."
             )

@@ -139,15 +139,18 @@ def _poisoned_data():
 
 @pytest.mark.usefixtures("float64")
 class TestNonFiniteGradients:
-    def test_raise_names_epoch_and_batch_and_keeps_weights(self):
+    def test_raise_names_epoch_and_window_and_keeps_weights(self):
         x, y = _poisoned_data()
         model = AccumulatingModel(*helpers.dense_graph(), accumulate="epoch")
         model.compile(optimizer="sgd", loss="mse")
         start = model.get_weights()
-        with pytest.raises(FloatingPointError, match="epoch 0, batch 3"):
+        with pytest.raises(FloatingPointError,
+                           match="epoch 0, in the window of batches 0-7"):
             model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
         for a, b in zip(model.get_weights(), start):
             np.testing.assert_array_equal(a, b)
+        assert model.discarded_windows == 1
+        assert int(model.optimizer.iterations.numpy()) == 0
         assert all(np.isfinite(a.numpy()).all()
                    for a in model._accumulator.gradients[0])
 
