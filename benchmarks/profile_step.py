@@ -40,7 +40,7 @@ FORWARD_BACKWARD = "forward/backward"
 OPTIMIZER = "optimizer update"
 BUILTIN_ACCUMULATE = "built-in: accumulate (cond else-branch)"
 WINDOW_APPLY = "keras_accum: window divide + reset"
-ACCUMULATE = "keras_accum: accumulate (check, scale, add) + loss tracker"
+ACCUMULATE = "keras_accum: accumulate (add; check and scale under skip) + loss tracker"
 _WINDOW_APPLY_OPS = {"DivNoNan", "AssignVariableOp", "Fill", "ZerosLike"}
 
 
@@ -119,8 +119,7 @@ def op_breakdown(model, optimizer, k, examples, micro_batch, learning_rate,
         {"method": "builtin", "k": k},
         {"method": "keras_accum", "k": k},
         {"method": "keras_accum_epoch", "k": None},
-        {"method": "keras_accum_fused_add", "k": k},
-        {"method": "keras_accum_fused_add_no_step_check", "k": k},
+        {"method": "keras_accum_skip", "k": k},
     ]
     entries = []
     for config in configs:
@@ -193,8 +192,7 @@ VARIANT_CONFIGS = (
     {"method": "keras_accum_xla_micro_step", "k": 8, "jit": True},
     {"method": "keras_accum_xla_apply", "k": 8},
     {"method": "keras_accum_xla_split", "k": 8, "jit": True},
-    {"method": "keras_accum_fused_add", "k": 8},
-    {"method": "keras_accum_fused_add_no_step_check", "k": 8},
+    {"method": "keras_accum_skip", "k": 8},
 )
 
 
@@ -204,7 +202,7 @@ def variant_timings(model, optimizer, k, examples, rounds, micro_batch,
                for c in VARIANT_CONFIGS]
     if quick:
         configs = [c for c in configs if c["method"] in (
-            "keras_accum", "keras_accum_xla_split", "keras_accum_fused_add")]
+            "keras_accum", "keras_accum_xla_split", "keras_accum_skip")]
     rows = timing.time_group(
         model, optimizer, ks=(k,), examples=examples, rounds=rounds,
         micro_batch=micro_batch, learning_rate=learning_rate,
@@ -228,12 +226,11 @@ def _variant_agreement(model, optimizer, k, micro_batch, learning_rate,
         {"method": "keras_accum_xla_micro_step", "k": k, "jit": True},
         {"method": "keras_accum_xla_apply", "k": k},
         {"method": "keras_accum_xla_split", "k": k, "jit": True},
-        {"method": "keras_accum_fused_add", "k": k},
-        {"method": "keras_accum_fused_add_no_step_check", "k": k},
+        {"method": "keras_accum_skip", "k": k},
     ):
         if quick and config["method"] not in (
                 "keras_accum", "keras_accum_xla_split",
-                "keras_accum_fused_add"):
+                "keras_accum_skip"):
             continue
         key = methods.config_key(config)
         try:

@@ -25,6 +25,11 @@ def _memory(rows, key):
     return None if row is None else row["fit_increase_mib"]
 
 
+def _peak_rss(rows, key):
+    row = _index(rows).get(key)
+    return None if row is None else row["peak_rss_mib"]
+
+
 def _ratio(numerator, denominator):
     if numerator is None or denominator is None or denominator <= 0:
         return None
@@ -80,7 +85,20 @@ def compute_targets(data):
                        else f"keras_accum_k{k}")
                 ratio = _ratio(_memory(rows, key), plain)
                 targets.append({
-                    "target": "peak memory at b within 10% of plain fit at b",
+                    "target": ("peak RSS increase during fit at b within "
+                               "10% of plain fit at b"),
+                    "model": model, "optimizer": optimizer, "k": k,
+                    "measured": ratio,
+                    "met": None if ratio is None
+                    else ratio <= MEMORY_TOLERANCE,
+                })
+                # The literal measure: the process's RSS high-water
+                # mark (TensorFlow's own ~700 MB included).
+                ratio = _ratio(_peak_rss(rows, key),
+                               _peak_rss(rows, "plain_b"))
+                targets.append({
+                    "target": ("process peak RSS at b within 10% of plain "
+                               "fit at b"),
                     "model": model, "optimizer": optimizer, "k": k,
                     "measured": ratio,
                     "met": None if ratio is None

@@ -23,6 +23,9 @@ from tests.helpers import RTOL
 
 MAX_EXAMPLES = 15
 
+# `test_examples_were_run` reads what the property test recorded: one worker.
+pytestmark = pytest.mark.xdist_group("property")
+
 # Configurations tried by `test_accumulation_equals_big_batch`; read by the
 # last test of the module, which reports how many ran.
 TRIED = []
