@@ -41,16 +41,12 @@ LABELS = {
     "keras_accum_epoch": 'keras_accum accumulate="epoch"',
     "fwd_bwd": "forward+backward only (reference)",
     "keras_accum_skip": 'keras_accum accumulate=k, on_nonfinite="skip"',
-    "keras_accum_xla_micro_step": "variant: XLA micro-step only",
     "keras_accum_xla_apply": "variant: XLA window apply only",
-    "keras_accum_xla_split": "variant: XLA micro-step + XLA apply, separately",
 }
 
 # Private variants of the library step (variants.py), for profile_step.py.
 VARIANTS = {
-    "keras_accum_xla_micro_step": "XlaMicroStepAccumulatingModel",
     "keras_accum_xla_apply": "XlaApplyAccumulatingModel",
-    "keras_accum_xla_split": "XlaSplitAccumulatingModel",
 }
 
 

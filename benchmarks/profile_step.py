@@ -189,9 +189,7 @@ VARIANT_CONFIGS = (
     {"method": "keras_accum", "k": 8},
     {"method": "keras_accum", "k": 8, "jit": True},
     {"method": "keras_accum_epoch", "k": None, "jit": True},
-    {"method": "keras_accum_xla_micro_step", "k": 8, "jit": True},
     {"method": "keras_accum_xla_apply", "k": 8},
-    {"method": "keras_accum_xla_split", "k": 8, "jit": True},
     {"method": "keras_accum_skip", "k": 8},
 )
 
@@ -202,7 +200,7 @@ def variant_timings(model, optimizer, k, examples, rounds, micro_batch,
                for c in VARIANT_CONFIGS]
     if quick:
         configs = [c for c in configs if c["method"] in (
-            "keras_accum", "keras_accum_xla_split", "keras_accum_skip")]
+            "keras_accum", "keras_accum_xla_apply", "keras_accum_skip")]
     rows = timing.time_group(
         model, optimizer, ks=(k,), examples=examples, rounds=rounds,
         micro_batch=micro_batch, learning_rate=learning_rate,
@@ -223,13 +221,11 @@ def _variant_agreement(model, optimizer, k, micro_batch, learning_rate,
     for config in (
         {"method": "keras_accum", "k": k},
         {"method": "keras_accum", "k": k, "jit": True},
-        {"method": "keras_accum_xla_micro_step", "k": k, "jit": True},
         {"method": "keras_accum_xla_apply", "k": k},
-        {"method": "keras_accum_xla_split", "k": k, "jit": True},
         {"method": "keras_accum_skip", "k": k},
     ):
         if quick and config["method"] not in (
-                "keras_accum", "keras_accum_xla_split",
+                "keras_accum", "keras_accum_xla_apply",
                 "keras_accum_skip"):
             continue
         key = methods.config_key(config)

@@ -225,7 +225,8 @@ class Runner:
         self.data["durations_s"]["total"] = time.monotonic() - self.started
         import report
 
-        report.write_all(self.data, self.args.out, self.results_dir)
+        report.write_all(self.data, self.args.out, self.results_dir,
+                         readme_path(self.args, self.quick))
         self.save()
         self.log(f"wrote {self.json_path} and "
                  f"{os.path.join(self.args.out, 'results.md')}")
@@ -357,6 +358,14 @@ class Runner:
                                 "variants": variants}
 
 
+def readme_path(args, quick):
+    """The README whose benchmark table a run rewrites: only a full run
+    written into the repository's `benchmarks/` updates it."""
+    if quick or os.path.abspath(args.out) != HERE:
+        return None
+    return os.path.join(os.path.dirname(HERE), "README.md")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -388,7 +397,8 @@ def main(argv=None):
         results_dir = os.path.join(args.out, "results")
         with open(os.path.join(results_dir, "benchmark.json")) as handle:
             data = json.load(handle)
-        report.write_all(data, args.out, results_dir)
+        report.write_all(data, args.out, results_dir,
+                         readme_path(args, data["settings"]["mode"] == "quick"))
         return 0
     phases = [p for p in args.phases.split(",") if p]
     unknown = sorted(set(phases) - set(PHASES))

@@ -129,6 +129,7 @@ class AccumulatingModel(keras.Model):
         # Per loss term, whether the window's sum is divided by its summed
         # normaliser; decided when the step is traced.
         self._window_divides = (True,)
+        self._functions = _StepFunctions()
 
     @property
     def accumulate(self):
@@ -207,7 +208,7 @@ class AccumulatingModel(keras.Model):
         optimizer = keras.optimizers.get(optimizer)
         validation.validate_optimizer(optimizer)
         super().compile(optimizer, *args, **kwargs)
-        self._accumulator.apply_function = None
+        self._functions = _StepFunctions()
 
     def compile_from_config(self, config):
         # Keras skips this for models that override `compile()`; ours only
@@ -235,6 +236,8 @@ class AccumulatingModel(keras.Model):
         return super().fit(*args, **kwargs)
 
     def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
         # Under a strategy the model and optimizer are built before the
         # train function is traced; create the accumulators eagerly then.
         if (
@@ -244,7 +247,39 @@ class AccumulatingModel(keras.Model):
         ):
             with self.distribute_strategy.scope():
                 self._build_accumulation_state()
-        return super().make_train_function(force=force)
+        functions = self._functions
+        functions.xla_micro_step = functions.xla_window_update = None
+        if not self._compiles_step_and_window_apart():
+            return super().make_train_function(force=force)
+        # Compiled whole, the step's XLA cluster would hold the `tf.cond`
+        # that applies the window, and an XLA conditional passes every
+        # variable either branch writes through the cluster: each micro-step
+        # would copy the weights, the optimizer slots and the accumulators.
+        # Instead the micro-step and the window update are two XLA functions,
+        # with the condition between them in the ordinary graph.
+        functions.xla_micro_step = tf.function(
+            self._micro_step, jit_compile=True, reduce_retracing=True
+        )
+        functions.xla_window_update = tf.function(
+            self._apply_local_sums, jit_compile=True
+        )
+        jit_compile = self._jit_compile
+        self._jit_compile = False
+        try:
+            return super().make_train_function(force=force)
+        finally:
+            self._jit_compile = jit_compile
+
+    def _compiles_step_and_window_apart(self):
+        """Whether the step runs as two XLA functions (`jit_compile` on one
+        device; under a strategy Keras decides as for `keras.Model`)."""
+        return (
+            bool(self.jit_compile)
+            and not self.run_eagerly
+            and self._schedule.value != 1
+            and self._distribute_strategy is None
+            and not tf.distribute.has_strategy()
+        )
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras learns input shapes by reducing a distributed batch across
@@ -307,6 +342,17 @@ class AccumulatingModel(keras.Model):
     def train_step(self, data):
         if self._schedule.value == 1:
             return super().train_step(data)
+        if self._functions.xla_micro_step is not None:
+            logs = self._functions.xla_micro_step(data)
+        else:
+            logs = self._micro_step(data)
+        if self._schedule.value != validation.EPOCH:
+            self._apply_window_when(self._window_is_full, self._window_divides)
+        return logs
+
+    def _micro_step(self, data):
+        """Forward, backward and accumulation of one mini-batch: the step
+        without the window's update. Returns the logs."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(
             next(i for i in tf.nest.flatten(x) if i is not None)
@@ -382,8 +428,6 @@ class AccumulatingModel(keras.Model):
             # before it is applied.
             self._accumulator.add(term_gradients, contribution.normalisers)
             self._accumulator.count_micro_batch()
-        if self._schedule.value != validation.EPOCH:
-            self._apply_window_when(self._window_is_full, contribution.divides)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if distribute_utils.is_multi_worker(self.distribute_strategy):
             logs = distribute_utils.rank_one_logs(logs)
@@ -491,12 +535,33 @@ class AccumulatingModel(keras.Model):
         the condition is checked in cross-replica context, where the window
         is applied through `strategy.run`. Other strategies (multi-worker,
         TPU, the default one) apply directly in replica context.
+
+        A window whose gradient sum is not finite on some replica is
+        discarded on every replica instead. The three steps (reduce the
+        totals, apply, discard) are consecutive `tf.cond`s, not nested
+        ones: nested, they held ~3 extra copies of the gradients at the
+        update (measured, MLP).
         """
 
         def apply_if(strategy):
+            full = condition()
+            terms = len(self._accumulator.gradients)
+            totals = tf.cond(
+                full,
+                lambda: self._window_totals(strategy),
+                lambda: tf.zeros(
+                    (terms + 1,), self._accumulator.normalisers.dtype
+                ),
+            )
+            normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)
             tf.cond(
-                condition(),
-                lambda: self._apply_window(strategy, divides),
+                tf.logical_and(full, finite),
+                lambda: self._apply_window(strategy, normalisers, divides),
+                lambda: tf.no_op(),
+            )
+            tf.cond(
+                tf.logical_and(full, tf.logical_not(finite)),
+                lambda: _run_in_replicas(strategy, self._accumulator.discard),
                 lambda: tf.no_op(),
             )
 
@@ -504,15 +569,18 @@ class AccumulatingModel(keras.Model):
             apply_if, tf.distribute.get_strategy()
         )
 
-    def _apply_window(self, strategy, divides):
-        """Applies the window's gradient, or discards it if not finite.
+    def _window_totals(self, strategy):
+        """The window's normalisers and count of non-finite replicas.
 
         One scalar reduction besides the optimizer's all-reduce of the
-        gradients: each replica's normaliser sums together with a flag
-        saying whether its gradient sums are finite, so every replica takes
-        the same decision.
+        gradients: each replica's normaliser sums, with a flag saying
+        whether its gradient sums are finite, so every replica takes the
+        same decision.
+
+        Returns:
+            A vector: each term's global normaliser, then the number of
+            replicas whose gradient sums are not finite.
         """
-        cross_replica = tf.distribute.in_cross_replica_context()
 
         def local_totals():
             accumulator = self._accumulator
@@ -523,32 +591,25 @@ class AccumulatingModel(keras.Model):
                 axis=0,
             )
 
-        if cross_replica:
-            totals = strategy.reduce(
+        if tf.distribute.in_cross_replica_context():
+            return strategy.reduce(
                 tf.distribute.ReduceOp.SUM, strategy.run(local_totals),
                 axis=None,
             )
-        else:
-            totals = tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, local_totals()
-            )
-        normalisers, nonfinite_replicas = totals[:-1], totals[-1]
-
-        def run_in_replicas(function, *args):
-            if cross_replica:
-                strategy.run(function, args=args)
-            else:
-                function(*args)
-            return tf.no_op()
-
-        tf.cond(
-            tf.equal(nonfinite_replicas, 0),
-            lambda: run_in_replicas(
-                self._apply_local_sums, normalisers, divides
-            ),
-            lambda: run_in_replicas(self._accumulator.discard),
+        return tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, local_totals()
         )
-        return tf.no_op()
+
+    def _apply_window(self, strategy, normalisers, divides):
+        """Normalises the window's sums and applies them (see
+        `_apply_local_sums`), as one XLA function under `jit_compile`."""
+        update = self._functions.xla_window_update
+        if update is not None:
+            update(normalisers, divides)
+            return tf.no_op()
+        return _run_in_replicas(
+            strategy, self._apply_local_sums, normalisers, divides
+        )
 
     def _apply_local_sums(self, normalisers, divides):
         """Applies this replica's sums; the optimizer all-reduces them.
@@ -589,7 +650,7 @@ class AccumulatingModel(keras.Model):
         """
         self._require_accumulators("apply_accumulated_gradients")
         accumulator = self._accumulator
-        if accumulator.apply_function is None:
+        if self._functions.apply is None:
 
             # No AutoGraph: the body is already graph code (explicit
             # `tf.cond`), and converting the closure only logs a warning.
@@ -600,8 +661,8 @@ class AccumulatingModel(keras.Model):
                     args=(lambda: accumulator.mini_step.value > 0, divides),
                 )
 
-            accumulator.apply_function = apply_function
-        accumulator.apply_function(self._window_divides)
+            self._functions.apply = apply_function
+        self._functions.apply(self._window_divides)
 
     def reset_accumulated_gradients(self):
         """Discards the gradient accumulated in the current window.
@@ -628,6 +689,32 @@ class AccumulatingModel(keras.Model):
                     f"`{method}()` needs a model that has trained: call "
                     "`fit()` or `train_on_batch()` first."
                 )
+
+
+def _run_in_replicas(strategy, function, *args):
+    """Runs `function` in every replica, from either context."""
+    if tf.distribute.in_cross_replica_context():
+        strategy.run(function, args=args)
+    else:
+        function(*args)
+    return tf.no_op()
+
+
+class _StepFunctions:
+    """The model's own `tf.function`s, kept off the model so that neither
+    Keras nor SavedModel export tracks them.
+
+    Attributes:
+        apply: The traced epoch-end apply (`apply_accumulated_gradients`).
+        xla_micro_step: Under `jit_compile` on one device, the XLA-compiled
+            micro-step (see `make_train_function`), else `None`.
+        xla_window_update: Likewise, the XLA-compiled window update.
+    """
+
+    def __init__(self):
+        self.apply = None
+        self.xla_micro_step = None
+        self.xla_window_update = None
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")

@@ -42,3 +42,21 @@ def test_quick_benchmark_writes_results(tmp_path):
     keys = {row["key"] for row in data["timing"]["mlp"]["adam"]}
     assert {"plain_b", "builtin_k8", "keras_accum_k8",
             "keras_accum_epoch"} <= keys
+
+    # The README's table is written by the benchmark's own report code.
+    sys.path.insert(0, os.path.join(REPOSITORY, "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"intro\n{report.README_START}\nold table\n{report.README_END}\nend\n"
+    )
+    report.update_readme(data, str(readme))
+    text = readme.read_text()
+    assert "old table" not in text
+    assert "| MLP 1.33M params | adam | 8 |" in text
+    assert text.startswith("intro\n") and text.endswith(
+        f"{report.README_END}\nend\n"
+    )

@@ -91,6 +91,21 @@ def big_batch_reference(
     return [w.numpy() for w in model.weights]
 
 
+def dense_big_batch_weights(optimizer, x, y, batch_size, accumulate, epochs,
+                            **weights):
+    """`big_batch_reference` of a fresh plain `dense_graph` model (MSE).
+
+    Args:
+        optimizer: Name for `make_optimizer`.
+        **weights: `sample_weight` / `class_weight`, as in
+            `big_batch_reference`.
+    """
+    reference = keras.Model(*dense_graph())
+    reference.compile(optimizer=make_optimizer(optimizer), loss="mse")
+    return big_batch_reference(reference, x, y, batch_size, accumulate,
+                               epochs, **weights)
+
+
 class NaiveAveragingModel(FunctionalAccumulatingModel):
     """Mutant that averages per-step mean gradients (the naive method).
 

@@ -182,7 +182,8 @@ MISUSES = [
            r"Received: save_freq=3, accumulate=\{0: 'epoch', 1: 2\}"),
     Misuse("nonfinite-gradient",
            lambda t, m: _fit_with_nan_in_batch_1(_compiled(4)),
-           FloatingPointError, r"Non-finite gradient in epoch 0, in the window of batches 0-3.*"
+           FloatingPointError,
+           r"Non-finite gradient in epoch 0, in the window of batches 0-3.*"
            r"on_nonfinite=\"skip\""),
     # Outside `fit()`; validation_test.py covers apply before compile.
     Misuse("reset-before-compile",

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_accum import AccumulatingModel
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL

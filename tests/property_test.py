@@ -23,11 +23,8 @@ from tests.helpers import RTOL
 
 MAX_EXAMPLES = 15
 
-# `test_examples_were_run` reads what the property test recorded: one worker.
-pytestmark = pytest.mark.xdist_group("property")
-
-# Configurations tried by `test_accumulation_equals_big_batch`; read by the
-# last test of the module, which reports how many ran.
+# Configurations tried by `test_accumulation_equals_big_batch`, checked when
+# the module's tests are done (in the worker process that ran it).
 TRIED = []
 
 _STRATEGIES = {}
@@ -46,6 +43,20 @@ def _strategy(replicas):
                 cross_device_ops=tf.distribute.ReductionToOneDevice(),
             )
     return _STRATEGIES[replicas]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _examples_cover_both_replica_counts():
+    """After the property test: it ran enough examples, on 1 and 2 replicas
+    (`pytest -rP` prints how many)."""
+    yield
+    if not TRIED:
+        return  # Deselected, or run by another worker process.
+    replicas = sorted({c["replicas"] for c in TRIED})
+    print(f"property_test: {len(TRIED)} hypothesis examples, "
+          f"replicas {replicas}")
+    assert len(TRIED) >= MAX_EXAMPLES // 2
+    assert replicas == [1, 2]
 
 
 @st.composite
@@ -95,12 +106,9 @@ def _train(config):
         )
         model.fit(data, epochs=config["epochs"], shuffle=False, verbose=0)
 
-    reference = keras.Model(*helpers.dense_graph())
-    reference.compile(optimizer=helpers.make_optimizer(config["optimizer"]),
-                      loss="mse")
-    expected = helpers.big_batch_reference(
-        reference, x, y, config["batch_size"], config["accumulate"],
-        config["epochs"], sample_weight=sample_weight,
+    expected = helpers.dense_big_batch_weights(
+        config["optimizer"], x, y, config["batch_size"],
+        config["accumulate"], config["epochs"], sample_weight=sample_weight,
     )
     return model, expected
 
@@ -129,14 +137,3 @@ def test_accumulation_equals_big_batch(config):
     )
     assert int(model.optimizer.iterations.numpy()) == updates
     assert model.mini_step == 0
-
-
-def test_examples_were_run():
-    """Reports how many examples the property test ran (`pytest -rP`)."""
-    if not TRIED:
-        pytest.skip("test_accumulation_equals_big_batch did not run")
-    replicas = sorted({c["replicas"] for c in TRIED})
-    print(f"property_test: {len(TRIED)} hypothesis examples, "
-          f"replicas {replicas}")
-    assert len(TRIED) >= MAX_EXAMPLES // 2
-    assert replicas == [1, 2]
