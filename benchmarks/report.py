@@ -585,7 +585,7 @@ def readme_table(data):
          f"{machine['nproc']} CPU cores ({machine['cpu_model']}), "
          f"{_fmt(machine['memory_gib'], 1)} GiB, no GPU; TensorFlow "
          f"{machine['tensorflow']}, Keras {machine['keras']}; keras_accum "
-         f"commit `{(data.get('library') or {}).get('commit', '?')}`. "
+         f"commit `{(data.get('library') or {}).get('git_commit', '?')}`. "
          f"Micro-batch b = {settings['micro_batch']}, `jit_compile=False` "
          "(Keras' default on CPU), median of "
          f"{settings['timing_rounds']} interleaved epochs. Speed ratios are "

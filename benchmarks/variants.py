@@ -14,8 +14,8 @@ from keras_accum.accumulating_model import FunctionalAccumulatingModel
 
 
 class XlaApplyAccumulatingModel(FunctionalAccumulatingModel):
-    """Runs the library's window apply (`_apply_window`: divide by the
-    normaliser, optimizer update, reset) as one XLA-compiled function.
+    """Runs the library's window update (`_apply_local_sums`: divide by
+    the normaliser, optimizer update, reset) as one XLA-compiled function.
 
     The micro-step is unchanged and the `tf.cond` stays outside XLA, so
     nothing is copied on micro-steps that do not apply; the apply itself
@@ -26,14 +26,10 @@ class XlaApplyAccumulatingModel(FunctionalAccumulatingModel):
 
     _xla_apply = None
 
-    def _apply_window(self, strategy, divides):
+    def _apply_window(self, strategy, normalisers, divides):
         if self._xla_apply is None:
-            parent = super()
-
-            def apply_window():
-                parent._apply_window(strategy, divides)
-                return tf.constant(True)
-
-            self._xla_apply = tf.function(apply_window, jit_compile=True)
-        return self._xla_apply()
-
+            self._xla_apply = tf.function(
+                self._apply_local_sums, jit_compile=True
+            )
+        self._xla_apply(normalisers, divides)
+        return tf.no_op()

@@ -537,10 +537,9 @@ class AccumulatingModel(keras.Model):
         TPU, the default one) apply directly in replica context.
 
         A window whose gradient sum is not finite on some replica is
-        discarded on every replica instead. The three steps (reduce the
-        totals, apply, discard) are consecutive `tf.cond`s, not nested
-        ones: nested, they held ~3 extra copies of the gradients at the
-        update (measured, MLP).
+        discarded on every replica instead: when the window is full, the
+        first `tf.cond` reduces its totals, and the next two apply or
+        discard it.
         """
 
         def apply_if(strategy):

