@@ -573,12 +573,12 @@ def write_plots(data, results_dir):
 
 README_START = "<!-- benchmark-table:start (written by benchmarks/run.py) -->"
 README_END = "<!-- benchmark-table:end -->"
-_MODEL_NAMES = {"mlp": "MLP 1.33M params", "convnet": "convnet",
-                "transformer": "transformer encoder"}
 
 
 def readme_table(data):
     """The README's summary: keras_accum's ratios per model, optimizer, k."""
+    from models import DESCRIPTIONS
+
     machine, settings = data["machine"], data["settings"]
     lines = [
         (f"Measured {data['generated'][:10]} by `{data['command']}`: "
@@ -610,7 +610,7 @@ def readme_table(data):
                     _ratio(mem, _memory(memory_rows, f"plain_kb_k{k}")),
                 ]
                 lines.append(
-                    f"| {_MODEL_NAMES.get(model, model)} | {optimizer} | {k} | "
+                    f"| {DESCRIPTIONS.get(model, model)} | {optimizer} | {k} | "
                     + " | ".join(_fmt(r, 2, "x") for r in ratios) + " |"
                 )
     return "\n".join(lines) + "\n"

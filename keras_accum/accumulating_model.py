@@ -444,13 +444,9 @@ class AccumulatingModel(keras.Model):
     def _window_is_full(self):
         accumulator = self._accumulator
         if self._schedule.is_static:
-            full = accumulator.mini_step.value >= self._schedule.value
-        else:
-            window = accumulator.window.value
-            full = tf.logical_and(
-                window > 0, accumulator.mini_step.value >= window
-            )
-        return full
+            return accumulator.mini_step.value >= self._schedule.value
+        window = accumulator.window.value
+        return tf.logical_and(window > 0, accumulator.mini_step.value >= window)
 
     def _accumulate_if_finite(self, term_gradients, scales, normalisers):
         """Adds the micro-batch, unless one of its gradients is not finite.
@@ -510,8 +506,10 @@ class AccumulatingModel(keras.Model):
         accumulator = self._accumulator
         accumulator.add(
             [
-                [scaled(g, factor(scale)) for g in gradients]
-                for gradients, scale in zip(term_gradients, scales)
+                [scaled(g, term_factor) for g in gradients]
+                for gradients, term_factor in zip(
+                    term_gradients, [factor(scale) for scale in scales]
+                )
             ],
             normalisers * keep,
         )

@@ -56,7 +56,7 @@ def test_quick_benchmark_writes_results(tmp_path):
     report.update_readme(data, str(readme))
     text = readme.read_text()
     assert "old table" not in text
-    assert "| MLP 1.33M params | adam | 8 |" in text
+    assert "| MLP 784-1024-512-10 (ReLU) | adam | 8 |" in text
     assert text.startswith("intro\n") and text.endswith(
         f"{report.README_END}\nend\n"
     )
