@@ -1,6 +1,8 @@
 """`AccumulatingModel`: exact gradient accumulation inside `model.fit`."""
 
+import collections
 import inspect
+import warnings
 
 import keras
 import tensorflow as tf
@@ -8,6 +10,7 @@ from keras.src.losses import loss as keras_loss_module
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 
+from keras_accum import custom_steps
 from keras_accum import distribute_utils
 from keras_accum import loss_scale
 from keras_accum import objectives
@@ -60,6 +63,18 @@ class AccumulatingModel(keras.Model):
         reduction: `"mean"` applies the gradient of the loss over the whole
             window (exact big-batch equivalence). `"sum"` applies the running
             total of the per-mini-batch gradients. Defaults to `"mean"`.
+        loss_normalisation: `"auto"` normalises each compiled loss term by
+            its own window-wide count when there are several (exact for any
+            mix of reductions, masks and sample weights, at one backward
+            pass and one gradient buffer per term), and keeps one buffer
+            for a single term. `"shared"` keeps one buffer for the whole
+            loss, weighted by its first term's normaliser: exact only when
+            the terms' normalisers are proportional across mini-batches.
+            `"per_loss"` always keeps one per term. Defaults to `"auto"`.
+        on_nonfinite: `"raise"` checks each window once and raises
+            `FloatingPointError` from `fit` on a non-finite one (not
+            applied); `"skip"` leaves non-finite micro-batches out of their
+            window. Defaults to `"raise"`.
         **kwargs: Passed to `keras.Model`.
 
     Raises:
@@ -81,6 +96,13 @@ class AccumulatingModel(keras.Model):
     2
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # An overriding `train_step` must accumulate (see `custom_steps`).
+        step = cls.__dict__.get("train_step")
+        if step is not None:
+            cls.train_step = custom_steps.checked_train_step(step)
+
     def __new__(cls, *args, **kwargs):
         # `keras.Model.__init__` rewrites the bases of a class used
         # functionally, for good; route functional calls to a dedicated
@@ -96,7 +118,7 @@ class AccumulatingModel(keras.Model):
         *args,
         accumulate="epoch",
         reduction="mean",
-        loss_normalisation="shared",
+        loss_normalisation="auto",
         on_nonfinite="raise",
         **kwargs,
     ):
@@ -126,9 +148,13 @@ class AccumulatingModel(keras.Model):
         self._loss_normalisation = loss_normalisation
         self._on_nonfinite = on_nonfinite
         self._accumulator = GradientAccumulator()
-        # Per loss term, whether the window's sum is divided by its summed
-        # normaliser; decided when the step is traced.
-        self._window_divides = (True,)
+        # The window of the current epoch (`None`: epoch 0's, resolved when
+        # needed), kept in Python so that accumulators built later (on a
+        # subclassed model's first trace) start with it.
+        self._epoch_window = None
+        # How the window's sums are turned into the applied gradient;
+        # decided when the step is traced.
+        self._window_plan = WindowPlan()
         self._functions = _StepFunctions()
 
     @property
@@ -143,7 +169,8 @@ class AccumulatingModel(keras.Model):
 
     @property
     def loss_normalisation(self):
-        """`"shared"` (one accumulator set) or `"per_loss"` (one per term)."""
+        """`"auto"`, `"shared"` (one accumulator set) or `"per_loss"` (one
+        per compiled loss term; what `"auto"` picks for several terms)."""
         return self._loss_normalisation
 
     @property
@@ -241,12 +268,12 @@ class AccumulatingModel(keras.Model):
         # Under a strategy the model and optimizer are built before the
         # train function is traced; create the accumulators eagerly then.
         if (
-            self._schedule.value != 1
+            self._accumulates_in_step()
             and getattr(self, "optimizer", None) is not None
             and self._all_layers_built()
         ):
             with self.distribute_strategy.scope():
-                self._build_accumulation_state()
+                self._sync_accumulation_state()
         functions = self._functions
         functions.xla_micro_step = functions.xla_window_update = None
         if not self._compiles_step_and_window_apart():
@@ -277,6 +304,7 @@ class AccumulatingModel(keras.Model):
             bool(self.jit_compile)
             and not self.run_eagerly
             and self._schedule.value != 1
+            and not custom_steps.overrides_train_step(self)
             and self._distribute_strategy is None
             and not tf.distribute.has_strategy()
         )
@@ -304,18 +332,37 @@ class AccumulatingModel(keras.Model):
     def _all_layers_built(self):
         return all(layer.built for layer in self._flatten_layers())
 
-    def _loss_terms(self):
-        if self._loss_normalisation == objectives.SHARED:
-            return 1
-        compile_loss = getattr(self, "_compile_loss", None)
-        if compile_loss is None or not compile_loss.built:
-            return None
-        return len(compile_loss._flat_losses)
+    def _accumulates_in_step(self):
+        """Whether the train step accumulates (not plain Keras training)."""
+        return self._schedule.value != 1 or custom_steps.overrides_train_step(
+            self
+        )
 
-    def _build_accumulation_state(self):
-        if self._accumulator.built:
-            return
-        if not self.trainable_variables:
+    def _loss_terms(self):
+        """Number of separately normalised loss terms, `None` until the
+        compiled loss is built (see `objectives.loss_terms`)."""
+        return objectives.loss_terms(
+            self._loss_normalisation, getattr(self, "_compile_loss", None)
+        )
+
+    def _sync_accumulation_state(self):
+        """Makes the accumulators match the current trainable variables.
+
+        Called eagerly by `make_train_function` and again in the traced
+        step: without a strategy Keras builds the model and the compiled
+        loss on the step's first trace, and the accumulators follow. The
+        accumulators are keyed by the identity of the variables they were
+        built for; when the trainable set changed (layers frozen or
+        unfrozen, then `compile()` again) they are rebuilt, so a gradient
+        can never be paired with another variable's accumulator.
+
+        Raises:
+            ValueError: if the model has no trainable weights, or if the
+                trainable weights changed without a new `compile()` (the
+                accumulators cannot be rebuilt inside a traced step).
+        """
+        trainable_variables = self.trainable_variables
+        if not trainable_variables:
             raise ValueError(
                 "`AccumulatingModel` accumulates the gradients of trainable "
                 "weights, and this model has none (all layers frozen or no "
@@ -324,30 +371,68 @@ class AccumulatingModel(keras.Model):
         terms = self._loss_terms()
         if terms is None:
             return  # Built on the first trace, once the loss is built.
+        accumulator = self._accumulator
+        if accumulator.matches(trainable_variables, terms):
+            return
+        if (
+            accumulator.built
+            and tf.inside_function()
+            and self._functions.accumulations > 1
+        ):
+            # Variables may be created on a step's first trace only (as
+            # Keras builds its optimizer there); a retrace that finds the
+            # trainable set changed comes from `trainable` set without a
+            # new `compile()`.
+            raise ValueError(
+                "The model's trainable weights changed since `compile()` "
+                f"({len(accumulator.variables)} accumulated, "
+                f"{len(trainable_variables)} trainable now). Call "
+                "`compile()` again after setting `trainable`, as Keras "
+                "requires. Received: a changed set of trainable weights"
+            )
+        with tf.init_scope():  # Reads the count eagerly, even in a trace.
+            pending = self.mini_step
+        if pending:
+            warnings.warn(
+                f"The trainable weights changed with {pending} "
+                "mini-batch(es) accumulated and not applied; they were "
+                "discarded. Call `apply_accumulated_gradients()` before "
+                "changing `trainable` to keep them.",
+                stacklevel=3,
+            )
         if not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+            self.optimizer.build(trainable_variables)
         normaliser_dtype = (
             "float64" if keras.backend.floatx() == "float64" else "float32"
         )
-        self._accumulator.build(
-            self.trainable_variables, normaliser_dtype, terms=terms
+        accumulator.build(
+            trainable_variables,
+            normaliser_dtype,
+            terms=terms,
+            window=(
+                self._schedule.window_size(0)
+                if self._epoch_window is None
+                else self._epoch_window
+            ),
         )
-        self._accumulator.window.assign(self._schedule.window_size(0))
 
     def _begin_epoch(self, epoch):
         """Sets the window of `epoch` (called by the flush callback)."""
+        self._epoch_window = self._schedule.window_size(epoch)
         if not self._schedule.is_static and self._accumulator.built:
-            self._accumulator.window.assign(self._schedule.window_size(epoch))
+            self._accumulator.window.assign(self._epoch_window)
 
+    @custom_steps.own_step
     def train_step(self, data):
         if self._schedule.value == 1:
             return super().train_step(data)
+        custom_steps.count_accumulation(self)
         if self._functions.xla_micro_step is not None:
             logs = self._functions.xla_micro_step(data)
         else:
             logs = self._micro_step(data)
         if self._schedule.value != validation.EPOCH:
-            self._apply_window_when(self._window_is_full, self._window_divides)
+            self._apply_window_when(self._window_is_full, self._window_plan)
         return logs
 
     def _micro_step(self, data):
@@ -357,7 +442,9 @@ class AccumulatingModel(keras.Model):
         batch_size = tf.shape(
             next(i for i in tf.nest.flatten(x) if i is not None)
         )[0]
-        per_loss = self._loss_normalisation == objectives.PER_LOSS
+        # Several loss terms take one backward pass each; `None` (loss
+        # not built yet) may turn out to be several.
+        per_loss = self._loss_terms() != 1
 
         with tf.GradientTape(persistent=per_loss) as tape:
             if self._call_has_training_arg:
@@ -374,7 +461,7 @@ class AccumulatingModel(keras.Model):
                 )
             # After the forward pass and the loss, which build a subclassed
             # model's layers and the compiled loss on the first trace.
-            self._build_accumulation_state()
+            self._sync_accumulation_state()
             contribution = self._micro_batch_contribution(
                 terms,
                 loss,
@@ -412,30 +499,54 @@ class AccumulatingModel(keras.Model):
                 for o in objectives_to_differentiate
             ]
 
-        trainable_variables = self.trainable_variables
         term_gradients = [
-            tape.gradient(objective, trainable_variables) for objective in scaled
+            tape.gradient(objective, self._accumulator.variables)
+            for objective in scaled
         ]
         del tape
-        self._window_divides = contribution.divides
-        if dynamic_scaling or self._on_nonfinite == "skip":
-            self._accumulate_if_finite(
-                term_gradients, gradient_scales, contribution.normalisers
-            )
-        else:
-            # The lean step: one `assign_add` per weight. A non-finite
-            # gradient reaches the sums, and the window is checked (once)
-            # before it is applied.
-            self._accumulator.add(term_gradients, contribution.normalisers)
-            self._accumulator.count_micro_batch()
+        self._accumulate(
+            term_gradients, contribution, weighted=gradient_scales is None
+        )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if distribute_utils.is_multi_worker(self.distribute_strategy):
             logs = distribute_utils.rank_one_logs(logs)
         return logs
 
+    def _accumulate(self, term_gradients, contribution, weighted):
+        """Adds one micro-batch's gradients to the window.
+
+        Args:
+            term_gradients: One list of gradients per loss term, aligned
+                with the accumulated variables.
+            contribution: The micro-batch's `MicroBatchContribution`.
+            weighted: Whether the gradients already carry the
+                contribution's `gradient_scales` (the loss was weighted).
+        """
+        self._window_plan = WindowPlan(
+            contribution.divides, gradient_exists(term_gradients)
+        )
+        scales = None if weighted else contribution.gradient_scales
+        if (
+            loss_scale.is_dynamic(self.optimizer)
+            or self._on_nonfinite == "skip"
+        ):
+            self._accumulate_if_finite(
+                term_gradients, scales, contribution.normalisers
+            )
+            return
+        if scales is not None:
+            term_gradients = [
+                [_scale_gradient(g, scale, tf.multiply) for g in gradients]
+                for gradients, scale in zip(term_gradients, scales)
+            ]
+        # The lean step: one add per weight. A non-finite gradient reaches
+        # the sums, and the window is checked (once) before it is applied.
+        self._accumulator.add(term_gradients, contribution.normalisers)
+        self._accumulator.count_micro_batch()
+
     def _micro_batch_contribution(self, terms, loss, batch_size, first_in_window):
         """What this micro-batch adds to the window (see `objectives`)."""
-        if self._loss_normalisation == objectives.PER_LOSS:
+        if len(self._accumulator.gradients) > 1:
             contribute = objectives.per_loss_contribution
         else:
             contribute = objectives.shared_contribution
@@ -487,26 +598,13 @@ class AccumulatingModel(keras.Model):
                 return keep * scale / tf.cast(loss_scale_value, keep.dtype)
             return keep * scale
 
-        def scaled(gradient, term_factor):
-            if gradient is None:
-                return None
-            if isinstance(gradient, tf.IndexedSlices):
-                return tf.IndexedSlices(
-                    tf.math.multiply_no_nan(
-                        gradient.values,
-                        tf.cast(term_factor, gradient.values.dtype),
-                    ),
-                    gradient.indices,
-                    gradient.dense_shape,
-                )
-            return tf.math.multiply_no_nan(
-                gradient, tf.cast(term_factor, gradient.dtype)
-            )
-
         accumulator = self._accumulator
         accumulator.add(
             [
-                [scaled(g, term_factor) for g in gradients]
+                [
+                    _scale_gradient(g, term_factor, tf.math.multiply_no_nan)
+                    for g in gradients
+                ]
                 for gradients, term_factor in zip(
                     term_gradients, [factor(scale) for scale in scales]
                 )
@@ -525,7 +623,7 @@ class AccumulatingModel(keras.Model):
                 1 - tf.cast(finite, tf.int64), read_value=False
             )
 
-    def _apply_window_when(self, condition, divides):
+    def _apply_window_when(self, condition, plan):
         """Applies the window if `condition()` holds (call in replica context).
 
         Strategies that use merge calls (`MirroredStrategy`) may not merge
@@ -538,6 +636,10 @@ class AccumulatingModel(keras.Model):
         discarded on every replica instead: when the window is full, the
         first `tf.cond` reduces its totals, and the next two apply or
         discard it.
+
+        Args:
+            condition: Callable returning a scalar bool tensor.
+            plan: The `WindowPlan` traced with the step.
         """
 
         def apply_if(strategy):
@@ -553,7 +655,7 @@ class AccumulatingModel(keras.Model):
             normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)
             tf.cond(
                 tf.logical_and(full, finite),
-                lambda: self._apply_window(strategy, normalisers, divides),
+                lambda: self._apply_window(strategy, normalisers, plan),
                 lambda: tf.no_op(),
             )
             tf.cond(
@@ -597,29 +699,32 @@ class AccumulatingModel(keras.Model):
             tf.distribute.ReduceOp.SUM, local_totals()
         )
 
-    def _apply_window(self, strategy, normalisers, divides):
+    def _apply_window(self, strategy, normalisers, plan):
         """Normalises the window's sums and applies them (see
         `_apply_local_sums`), as one XLA function under `jit_compile`."""
         update = self._functions.xla_window_update
         if update is not None:
-            update(normalisers, divides)
+            update(normalisers, plan)
             return tf.no_op()
         return _run_in_replicas(
-            strategy, self._apply_local_sums, normalisers, divides
+            strategy, self._apply_local_sums, normalisers, plan
         )
 
-    def _apply_local_sums(self, normalisers, divides):
+    def _apply_local_sums(self, normalisers, plan):
         """Applies this replica's sums; the optimizer all-reduces them.
 
         Replica context. Each replica passes its local gradient sums divided
         by the global normalisers; the optimizer's `SUM` all-reduce of those
-        is the window's gradient: one all-reduce per update.
+        is the window's gradient: one all-reduce per update. A variable that
+        got no gradient in the step is passed with `None`, as plain Keras
+        passes it, so the optimizer leaves it alone (no weight decay, no
+        momentum).
         """
         accumulator = self._accumulator
         gradients = None
         for term, accumulators in enumerate(accumulator.gradients):
             term_gradients = [tf.convert_to_tensor(a.value) for a in accumulators]
-            if divides[term]:
+            if plan.divides[term]:
                 term_gradients = [
                     tf.math.divide_no_nan(g, tf.cast(normalisers[term], g.dtype))
                     for g in term_gradients
@@ -629,9 +734,83 @@ class AccumulatingModel(keras.Model):
                 if gradients is None
                 else [a + b for a, b in zip(gradients, term_gradients)]
             )
+        exists = plan.gradient_exists or (True,) * len(gradients)
+        gradients = [g if e else None for g, e in zip(gradients, exists)]
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        optimizer.apply(gradients, self.trainable_variables)
+        optimizer.apply(gradients, accumulator.variables)
         accumulator.reset()
+
+    def accumulate_gradients(self, gradients, normaliser):
+        """Adds one mini-batch's gradients to the window, from a custom step.
+
+        For subclasses that override `train_step`: call it instead of
+        `optimizer.apply`. The gradients are added to the accumulators,
+        weighted by `normaliser`, and the window is applied as usual (when
+        it is full, or at epoch end), divided by the window's summed
+        normaliser. The applied gradient is then exactly that of the loss
+        over the whole window, as long as each mini-batch's loss is its
+        summed loss divided by `normaliser`.
+
+        Args:
+            gradients: List of gradients (tensors, `tf.IndexedSlices` or
+                `None`), one per variable of `model.trainable_variables`,
+                in that order: the gradient of the loss that
+                `self.compute_loss` returns for the mini-batch (under a
+                strategy, the replica's loss, which Keras scales by
+                1/replicas).
+            normaliser: Scalar: what the mini-batch's loss was divided by:
+                its number of examples, valid (unmasked) entries, or sum of
+                sample weights.
+
+        Raises:
+            ValueError: if `gradients` does not have one entry per
+                trainable variable.
+
+        Example:
+
+        >>> class Custom(AccumulatingModel):
+        ...     def train_step(self, data):
+        ...         x, y = data
+        ...         with tf.GradientTape() as tape:
+        ...             y_pred = self(x, training=True)
+        ...             loss = self.compute_loss(x, y, y_pred)
+        ...         self.accumulate_gradients(
+        ...             tape.gradient(loss, self.trainable_variables),
+        ...             normaliser=tf.shape(x)[0])
+        ...         return self.compute_metrics(x, y, y_pred)
+        """
+        custom_steps.count_accumulation(self)
+        self._sync_accumulation_state()
+        accumulator = self._accumulator
+        if len(gradients) != len(accumulator.variables):
+            raise ValueError(
+                "`gradients` must have one entry per trainable variable "
+                f"({len(accumulator.variables)}), in the order of "
+                "`model.trainable_variables`. Received: "
+                f"{len(gradients)} gradients"
+            )
+        dtype = accumulator.normalisers.dtype
+        normaliser = tf.cast(normaliser, dtype)
+        terms = len(accumulator.gradients)
+        contribution = objectives.MicroBatchContribution(
+            objectives=None,
+            gradient_scales=[
+                objectives.replica_scale(
+                    normaliser, self.distribute_strategy.num_replicas_in_sync
+                )
+            ] + [tf.zeros((), dtype)] * (terms - 1),
+            normalisers=tf.concat(
+                [normaliser[None], tf.zeros((terms - 1,), dtype)], axis=0
+            ),
+            divides=(True,) + (False,) * (terms - 1),
+            logging_weight=normaliser,
+        )
+        term_gradients = [list(gradients)] + [
+            [None] * len(gradients)
+        ] * (terms - 1)
+        self._accumulate(term_gradients, contribution, weighted=False)
+        if self._schedule.value != validation.EPOCH:
+            self._apply_window_when(self._window_is_full, self._window_plan)
 
     def apply_accumulated_gradients(self):
         """Applies the gradient accumulated so far, if any, and resets.
@@ -652,14 +831,14 @@ class AccumulatingModel(keras.Model):
             # No AutoGraph: the body is already graph code (explicit
             # `tf.cond`), and converting the closure only logs a warning.
             @tf.function(autograph=False)
-            def apply_function(divides):
+            def apply_function(plan):
                 self.distribute_strategy.run(
                     self._apply_window_when,
-                    args=(lambda: accumulator.mini_step.value > 0, divides),
+                    args=(lambda: accumulator.mini_step.value > 0, plan),
                 )
 
             self._functions.apply = apply_function
-        self._functions.apply(self._window_divides)
+        self._functions.apply(self._window_plan)
 
     def reset_accumulated_gradients(self):
         """Discards the gradient accumulated in the current window.
@@ -680,12 +859,52 @@ class AccumulatingModel(keras.Model):
         if not self._accumulator.built:
             if self._all_layers_built():
                 with self.distribute_strategy.scope():
-                    self._build_accumulation_state()
+                    self._sync_accumulation_state()
             if not self._accumulator.built:
                 raise RuntimeError(
                     f"`{method}()` needs a model that has trained: call "
                     "`fit()` or `train_on_batch()` first."
                 )
+
+
+class WindowPlan(collections.namedtuple(
+    "WindowPlan", ["divides", "gradient_exists"], defaults=[(True,), None]
+)):
+    """How a window's sums become the applied gradient; static per trace.
+
+    A namedtuple of Python bools, so a `tf.function` taking it retraces
+    only when it changes.
+
+    Attributes:
+        divides: Per loss term, whether its window sum is divided by its
+            summed normaliser.
+        gradient_exists: Per accumulated variable, whether the step gives
+            it a gradient (`None`: all do). Those without one are passed to
+            the optimizer as `None`, as plain Keras does.
+    """
+
+    __slots__ = ()
+
+
+def gradient_exists(term_gradients):
+    """Per variable, whether some loss term gave it a gradient."""
+    return tuple(
+        any(gradients[i] is not None for gradients in term_gradients)
+        for i in range(len(term_gradients[0]))
+    )
+
+
+def _scale_gradient(gradient, factor, multiply):
+    """`multiply(gradient, factor)` for dense and sparse gradients."""
+    if gradient is None:
+        return None
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            multiply(gradient.values, tf.cast(factor, gradient.values.dtype)),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    return multiply(gradient, tf.cast(factor, gradient.dtype))
 
 
 def _run_in_replicas(strategy, function, *args):
@@ -706,12 +925,15 @@ class _StepFunctions:
         xla_micro_step: Under `jit_compile` on one device, the XLA-compiled
             micro-step (see `make_train_function`), else `None`.
         xla_window_update: Likewise, the XLA-compiled window update.
+        accumulations: Mini-batches accumulated by traced steps (a Python
+            count, incremented at trace time; see `custom_steps`).
     """
 
     def __init__(self):
         self.apply = None
         self.xla_micro_step = None
         self.xla_window_update = None
+        self.accumulations = 0
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")

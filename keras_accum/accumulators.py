@@ -35,8 +35,13 @@ class GradientAccumulator:
     the user's layers.
 
     Attributes:
+        variables: The trainable variables the accumulators were built for,
+            in order: `gradients[t][i]` holds the gradient of `variables[i]`.
+            The window is applied to exactly these variables, so a stale
+            pairing cannot happen when the trainable set changes (see
+            `matches`).
         gradients: One list of accumulator variables per loss term, in the
-            order of the trainable variables passed to `build`.
+            order of `variables`.
         normalisers: Vector variable, each term's normaliser sum.
         mini_step: Int64 scalar variable, micro-batches in this window.
         window: Int64 scalar variable, the current window (0: epoch end).
@@ -49,6 +54,7 @@ class GradientAccumulator:
 
     def __init__(self):
         self.built = False
+        self.variables = []
         self.gradients = []
         self.normalisers = None
         self.mini_step = None
@@ -56,10 +62,34 @@ class GradientAccumulator:
         self.skipped = None
         self.discarded = None
 
-    def build(self, trainable_variables, normaliser_dtype, terms=1):
-        """Creates the variables (call under the model's strategy scope)."""
-        if self.built:
-            return
+    def matches(self, trainable_variables, terms):
+        """Whether the accumulators were built for exactly these variables
+        (the same objects, in the same order) and this many loss terms."""
+        return (
+            self.built
+            and len(self.gradients) == terms
+            and len(self.variables) == len(trainable_variables)
+            and all(
+                a is b for a, b in zip(self.variables, trainable_variables)
+            )
+        )
+
+    def build(self, trainable_variables, normaliser_dtype, terms=1, window=0):
+        """Creates the variables (call under the model's strategy scope).
+
+        Building again replaces every variable: the gradient sums, the
+        normalisers and the counters start from zero.
+
+        Args:
+            trainable_variables: The variables to accumulate gradients for.
+            normaliser_dtype: Dtype of the normaliser sums.
+            terms: Number of separately normalised loss terms.
+            window: Initial value of the `window` variable (mini-batches
+                per update, 0 for epoch windows). An initial value, not an
+                assignment, so that building inside a traced step adds no
+                op that would run on every step.
+        """
+        self.variables = list(trainable_variables)
         self.gradients = [
             [
                 keras.Variable(
@@ -86,7 +116,7 @@ class GradientAccumulator:
             **_LOCAL_SUM,
         )
         self.mini_step = self._counter("mini_step")
-        self.window = self._counter("window")
+        self.window = self._counter("window", initial=window)
         self.discarded = self._counter("discarded_windows")
         self.skipped = keras.Variable(
             initializer="zeros",
@@ -99,9 +129,9 @@ class GradientAccumulator:
         self.built = True
 
     @staticmethod
-    def _counter(name):
+    def _counter(name, initial=0):
         return keras.Variable(
-            initializer="zeros",
+            initializer=keras.initializers.Constant(initial),
             shape=(),
             dtype="int64",
             trainable=False,

@@ -16,9 +16,32 @@ from keras.src.losses import loss as keras_loss_module
 
 from keras_accum.loss_normalisers import SUM
 
+AUTO = "auto"
 SHARED = "shared"
 PER_LOSS = "per_loss"
-LOSS_NORMALISATIONS = (SHARED, PER_LOSS)
+LOSS_NORMALISATIONS = (AUTO, SHARED, PER_LOSS)
+
+
+def loss_terms(loss_normalisation, compile_loss):
+    """Number of separately normalised loss terms (accumulator sets).
+
+    `"shared"` keeps one. `"per_loss"` keeps one per compiled loss term, and
+    so does `"auto"` (the default) when there are several: only then is a
+    window exact for any mix of reductions, masks and sample weights.
+
+    Args:
+        loss_normalisation: The model's `loss_normalisation`.
+        compile_loss: The model's compiled loss (`model._compile_loss`), or
+            `None` when compiled without one.
+
+    Returns:
+        An int >= 1, or `None` while the compiled loss is not built yet.
+    """
+    if loss_normalisation == SHARED or compile_loss is None:
+        return 1
+    if not compile_loss.built:
+        return None
+    return max(1, len(compile_loss._flat_losses))
 
 
 @dataclasses.dataclass
@@ -50,7 +73,9 @@ def _regularisation_loss(model, dtype):
     return tf.add_n([tf.cast(value, dtype) for value in losses])
 
 
-def _scale(normaliser, replicas):
+def replica_scale(normaliser, replicas):
+    """The factor of a replica's mean-loss gradient: its normaliser, with
+    Keras' division by the replica count undone."""
     # Keras divides each replica's mean loss by the replica count; undo it
     # so the weighted replica gradients add up to the window's sum.
     return tf.stop_gradient(normaliser) * tf.cast(replicas, normaliser.dtype)
@@ -100,7 +125,7 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
         normaliser = tf.cast(batch_size, dtype)
     return MicroBatchContribution(
         [loss],
-        [_scale(normaliser, replicas)],
+        [replica_scale(normaliser, replicas)],
         tf.reshape(normaliser, (1,)),
         (True,),
         normaliser,
@@ -117,10 +142,16 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
     flat_losses = model._compile_loss._flat_losses
     if len(terms) != len(flat_losses):
         raise ValueError(
-            '`loss_normalisation="per_loss"` needs every loss term to come '
-            f"from `compile(loss=...)`: {len(flat_losses)} compiled loss "
-            f"term(s), {len(terms)} Keras loss reduction(s) in the step. "
-            'Use `loss_normalisation="shared"` with a custom `compute_loss`.'
+            "Exact accumulation of several loss terms normalises each "
+            "compiled loss term by its own window-wide count, so it needs "
+            "every Keras loss reduced in the step to come from "
+            f"`compile(loss=...)`: {len(flat_losses)} compiled loss "
+            f"term(s), {len(terms)} Keras loss reduction(s) in the step "
+            "(a custom `compute_loss`?). Pass "
+            '`loss_normalisation="shared"` to weight the whole loss by its '
+            "first term's normaliser (exact only when the terms' normalisers "
+            "are proportional). Received: "
+            f"loss_normalisation={model.loss_normalisation!r}"
         )
     dtype = loss.dtype
     replicas = model.distribute_strategy.num_replicas_in_sync
@@ -137,7 +168,7 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             divides.append(False)
         else:
             normaliser = tf.cast(term.normaliser, dtype)
-            scales.append(_scale(normaliser, replicas))
+            scales.append(replica_scale(normaliser, replicas))
             normalisers.append(normaliser)
             divides.append(True)
     rest = loss - compiled_total

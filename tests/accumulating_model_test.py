@@ -342,7 +342,7 @@ class TestFitIntegration:
         model.compile(optimizer="sgd", loss="mse")
         model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
         graph = model._functions.apply.get_concrete_function(
-            model._window_divides
+            model._window_plan
         ).graph.as_graph_def()
         nodes = list(graph.node) + [
             node for function in graph.library.function

@@ -113,6 +113,11 @@ class NaiveAveragingModel(FunctionalAccumulatingModel):
     far more than their tolerance, so they can fail.
     """
 
+    def __init__(self, inputs, outputs, **kwargs):
+        # One accumulator set: the mutant weights the whole loss alike.
+        kwargs.setdefault("loss_normalisation", "shared")
+        super().__init__(inputs, outputs, **kwargs)
+
     def _micro_batch_contribution(self, terms, loss, batch_size,
                                   first_in_window):
         import tensorflow as tf

@@ -1,0 +1,71 @@
+"""Subclasses that write their own `train_step`.
+
+Research and GAN-style code overrides `train_step`. Such a step bypasses
+`AccumulatingModel.train_step`, so without a check it would train with
+whatever the override does, per mini-batch, and `accumulate` would be
+silently ignored. `AccumulatingModel.__init_subclass__` wraps every
+overriding `train_step` with `checked_train_step`: when the step is traced
+(before any of its ops runs), it must have accumulated, either through
+`super().train_step(data)` or through `self.accumulate_gradients(...)`;
+otherwise `fit` raises.
+"""
+
+import functools
+
+# Marks `AccumulatingModel.train_step` and the wrappers of overrides.
+_OWN_STEP = "_keras_accum_own_step"
+_CHECKED = "_keras_accum_checked_step"
+
+
+def own_step(function):
+    """Marks `function` as keras_accum's own `train_step`."""
+    setattr(function, _OWN_STEP, True)
+    return function
+
+
+def overrides_train_step(model):
+    """Whether `model`'s class replaces `AccumulatingModel.train_step`."""
+    return not getattr(type(model).train_step, _OWN_STEP, False)
+
+
+def count_accumulation(model):
+    """Records, at trace time, that the step accumulated a mini-batch."""
+    model._functions.accumulations += 1
+
+
+def checked_train_step(train_step):
+    """Wraps an overriding `train_step` so that it must accumulate.
+
+    Args:
+        train_step: The subclass's `train_step(self, data)`.
+
+    Returns:
+        The wrapped function. It raises `TypeError` when a call (a trace,
+        inside `fit`) of a model whose `accumulate` is not 1 neither called
+        `super().train_step` nor `self.accumulate_gradients`.
+    """
+    if getattr(train_step, _CHECKED, False):
+        return train_step
+
+    @functools.wraps(train_step)
+    def wrapped(self, data):
+        before = self._functions.accumulations
+        logs = train_step(self, data)
+        if self._functions.accumulations == before and self.accumulate != 1:
+            raise TypeError(
+                f"`{type(self).__name__}.train_step` overrides "
+                "`AccumulatingModel.train_step` and accumulated no gradient, "
+                "so its updates would ignore "
+                f"accumulate={self.accumulate!r}. From a custom "
+                "`train_step`, pass each mini-batch's gradients to "
+                "`self.accumulate_gradients(gradients, normaliser)` instead "
+                "of calling the optimizer (the window is then applied as "
+                "usual), or call `super().train_step(data)`. For a step "
+                "that applies its own updates, subclass `keras.Model` or "
+                "pass accumulate=1. Received: a `train_step` that did "
+                "neither"
+            )
+        return logs
+
+    setattr(wrapped, _CHECKED, True)
+    return wrapped
