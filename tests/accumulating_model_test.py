@@ -460,3 +460,48 @@ def _multi_output_graph():
         1, name="b", kernel_initializer=keras.initializers.GlorotUniform(3)
     )(hidden)
     return inputs, {"a": out_a, "b": out_b}
+
+
+class TestTrainableSetChanges:
+    """Accumulators follow the trainable weights (issue 13, point 1)."""
+
+    def _frozen_base_model(self):
+        inputs = keras.Input((5,))
+        base = keras.Sequential([keras.layers.Dense(4)], name="base")
+        outputs = keras.layers.Dense(1)(base(inputs))
+        return AccumulatingModel(inputs, outputs, accumulate=2), base
+
+    def test_accumulators_pair_with_the_current_trainable_weights(self):
+        """Catches accumulators kept from the first `fit` (stale pairing by
+        position after unfreezing and recompiling)."""
+        x, y = helpers.regression_data(32)
+        model, base = self._frozen_base_model()
+        base.trainable = False
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        assert len(model._accumulator.variables) == 2
+        base.trainable = True
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        accumulator = model._accumulator
+        assert len(accumulator.variables) == len(model.trainable_variables)
+        for variable, weight, sums in zip(
+            accumulator.variables, model.trainable_variables,
+            accumulator.gradients[0],
+        ):
+            assert variable is weight
+            assert tuple(sums.shape) == tuple(weight.shape)
+
+    def test_pending_window_dropped_on_rebuild_warns(self):
+        """Catches a silent loss of accumulated mini-batches when the
+        trainable set changes between `train_on_batch` calls."""
+        x, y = helpers.regression_data(16)
+        model, base = self._frozen_base_model()
+        model = AccumulatingModel(model.inputs, model.outputs, accumulate=4)
+        model.compile(optimizer="sgd", loss="mse")
+        model.train_on_batch(x[:8], y[:8])
+        base.trainable = False
+        model.compile(optimizer="sgd", loss="mse")
+        with pytest.warns(UserWarning, match="discarded"):
+            model.train_on_batch(x[8:], y[8:])
+        assert model.mini_step == 1
