@@ -141,7 +141,8 @@ MUTANTS = (
         "            self._accumulator.count_micro_batch()\n"
         "            self.optimizer.iterations.assign_add(1)\n",
         (
-            f"{T_NUMERICS}::test_sgd_learning_rate_schedule_is_keyed_on_updates",
+            f"{T_NUMERICS}::"
+            "test_sgd_learning_rate_schedule_is_keyed_on_updates",
         ),
     ),
     Mutant(
@@ -299,7 +300,8 @@ MUTANTS = (
         "            normalisers * keep,\n",
         "            normalisers,\n",
         (
-            f"{T_NUMERICS}::test_loss_scale_overflow_is_skipped_not_accumulated",
+            f"{T_NUMERICS}::"
+            "test_loss_scale_overflow_is_skipped_not_accumulated",
             f"{T_NONFINITE}::test_skip_leaves_out_the_micro_batch_exactly",
         ),
     ),

@@ -101,9 +101,12 @@ def test_sgd_learning_rate_schedule_is_keyed_on_updates():
     """Catches `optimizer.iterations` counted per micro-step (the schedule
     would decay once per mini-batch, not once per update)."""
     x, y = helpers.regression_data(N)
-    schedule = lambda: keras.optimizers.schedules.PiecewiseConstantDecay(  # noqa: E731
-        [1, 3], [0.2, 0.05, 0.01]
-    )
+
+    def schedule():
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [1, 3], [0.2, 0.05, 0.01]
+        )
+
     # Windows of 4 mini-batches of 64: 4 updates per epoch, 2 epochs; the
     # rate is 0.2 for update 0, 0.05 for updates 1-2, 0.01 afterwards.
     model = AccumulatingModel(*helpers.dense_graph(), accumulate=4)
