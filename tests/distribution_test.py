@@ -118,6 +118,27 @@ class TestMirroredStrategy:
         )
         assert error <= RTOL, f"relative error {error:.3g}"
 
+    @pytest.mark.parametrize("accumulate", ["epoch", 4])
+    def test_sgd_update_matches_single_device_big_batch(self, accumulate):
+        """Catches a missing per-replica scaling (Keras divides each
+        replica's loss by the replica count): SGD's update would be
+        1/replicas of the right one, which Adam's normalisation hides."""
+        x, y, sample_weight = cases.training_data()
+        with _mirrored(2).scope():
+            model = AccumulatingModel(*helpers.dense_graph(),
+                                      accumulate=accumulate)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(_dataset(x, y, sample_weight), epochs=cases.EPOCHS,
+                  verbose=0)
+        reference = keras.Model(*helpers.dense_graph())
+        reference.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        expected = helpers.big_batch_reference(
+            reference, x, y, cases.GLOBAL_BATCH, accumulate, cases.EPOCHS,
+            sample_weight=sample_weight,
+        )
+        error = helpers.relative_error(model.get_weights(), expected)
+        assert error <= RTOL, f"relative error {error:.3g}"
+
     def test_naive_averaging_fails_the_same_check(self):
         model = _fit_under(_mirrored(4), 4, helpers.NaiveAveragingModel)
         error = helpers.relative_error(model.get_weights(),

@@ -212,10 +212,24 @@ def test_misuse(case, tmp_path, monkeypatch):
 class TestAllowedNeighbours:
     """The legal neighbours of the misuses above still work."""
 
+    @pytest.mark.usefixtures("float64")
     def test_epoch_window_with_batch_backup(self, tmp_path):
+        """Catches an update applied (or a window cut) at a batch-level
+        backup, or the combination refused: training must equal one big
+        batch per epoch."""
         # No update is applied mid-epoch, so Keras' restart of the epoch
-        # from batch 0 is exact (see interruption_test.py).
-        _fit(_compiled("epoch"), callbacks=[_backup(tmp_path, 3)])
+        # from batch 0 is exact (see interruption_test.py). Mini-batches of
+        # 24, 24 and 16: weighting them equally would be visible.
+        x, y = helpers.regression_data(64)
+        model = _compiled("epoch")
+        model.fit(x, y, batch_size=24, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[_backup(tmp_path, 1)])
+        assert int(model.optimizer.iterations.numpy()) == 2
+        reference = keras.Model(*helpers.dense_graph())
+        reference.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        expected = helpers.big_batch_reference(reference, x, y, 24, "epoch", 2)
+        error = helpers.relative_error(model.get_weights(), expected)
+        assert error <= RTOL, f"relative error {error:.3g}"
 
     def test_epoch_window_infinite_dataset_with_steps(self):
         model = _compiled("epoch")
@@ -231,10 +245,25 @@ class TestAllowedNeighbours:
             _fit(model, epochs=2)
         assert int(model.optimizer.iterations.numpy()) == 2  # Epoch 0.
 
+    @pytest.mark.usefixtures("float64")
     def test_wrap_accepts_a_schedule(self):
+        """Catches `wrap()` dropping or misreading an `accumulate` schedule
+        (e.g. a wrong epoch-to-window lookup): the wrapped model must train
+        with each epoch's window."""
+        x, y = helpers.regression_data(64)
         base = keras.Model(*helpers.dense_graph())
         model = keras_accum.wrap(base, accumulate={0: 2, 1: "epoch"})
         assert model.accumulate == {0: 2, 1: "epoch"}
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        # Epoch 0: windows of 2 of its 4 mini-batches; epoch 1: one window.
+        assert int(model.optimizer.iterations.numpy()) == 3
+        reference = keras.Model(*helpers.dense_graph())
+        reference.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        helpers.big_batch_reference(reference, x, y, 16, 2, 1)
+        expected = helpers.big_batch_reference(reference, x, y, 16, "epoch", 1)
+        error = helpers.relative_error(base.get_weights(), expected)
+        assert error <= RTOL, f"relative error {error:.3g}"
 
 
 def _batches(sizes, seed=0):

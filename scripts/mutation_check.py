@@ -1,0 +1,461 @@
+"""Mutation check: every named bug must make the tests that name it fail.
+
+Each mutant is one `(file, old_text, new_text)` replacement in a temporary
+copy of the repository (`keras_accum/`, `tests/`, `examples/` and
+`pyproject.toml`), paired with the pytest node ids that should catch it. The
+script applies each mutant to a fresh copy, runs its node ids there and
+reports the mutant as
+
+- `caught`: every listed node id had a failing test (each one is a real
+  check of that bug, not just the first);
+- `survived`: some listed node id passed with the bug in place;
+- `error`: pytest could not run (collection error, no test selected), or the
+  mutant's search text was not found exactly once: fix the list.
+
+Not run in CI (several minutes); `tests/mutation_check_test.py` checks that
+the list still applies to the source. Keep the list growing: every fixed
+bug gets a mutant here and a test that catches it.
+
+Usage, from the repository root:
+
+    python scripts/mutation_check.py                 # all mutants
+    python scripts/mutation_check.py --list          # names only
+    python scripts/mutation_check.py --only no-replica-scaling --jobs 2
+    python scripts/mutation_check.py --first-failure # `-x`: any failure
+    python scripts/mutation_check.py --baseline      # unmutated: all pass
+
+A test that fails without any mutant would count as catching every bug:
+run `--baseline` once after changing the list.
+
+TODO (lead): mutants for bugs whose fixes are being merged (issues 13 and
+16). In the code this script was written against, these bugs are present,
+so there is no fixing code yet to mutate; add one mutant per fix that
+reintroduces the bug, with the test that the fix added:
+
+- issue 13.1: accumulators keyed by position / not rebuilt when the
+  trainable set changes (`_build_accumulation_state` returning early once
+  built) -> the fine-tuning freeze/unfreeze/recompile test.
+- issue 13.2: zero accumulated gradients passed for variables without a
+  gradient (heads without loss, weight decay) -> the `loss={"b": None}` +
+  `AdamW` test.
+- issue 13.3: schedule window not set for the first epoch of a subclassed
+  model (window variable left at 0 after the first trace) -> the
+  subclassed `accumulate={0: 2, 1: 4}` test.
+- issue 16.2: NaN normaliser for a replica without examples (masked loss,
+  `elements * valid / total` = 0 * 0 / 0) reaching the update -> the
+  empty-replica masked-loss test.
+- issue 16.3: the float32(1/n) replica scaling not cancelled exactly on 3
+  replicas -> the 3-replica float64 exactness test.
+"""
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# What a mutant's tests need: the package, the tests, the example scripts
+# (`examples_test.py`) and the pytest configuration.
+COPIED = ("keras_accum", "tests", "examples", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    """One named bug.
+
+    Attributes:
+        name: Short unique name.
+        path: File to mutate, relative to the repository root.
+        old: Text that must occur exactly once in `path`.
+        new: Its replacement: the bug.
+        tests: Pytest node ids (a function without its parameters selects
+            every parametrisation); each must have a failing test.
+    """
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple
+
+
+T_EXACT = "tests/accumulating_model_test.py::TestExactness"
+T_NUMERICS = "tests/numerics_test.py"
+T_NONFINITE = "tests/numerics_test.py::TestNonFiniteGradients"
+
+MUTANTS = (
+    # The 16 mutants of issue 17.
+    Mutant(
+        "equal-weighting",
+        "keras_accum/objectives.py",
+        "        [loss],\n"
+        "        [_scale(normaliser, replicas)],\n"
+        "        tf.reshape(normaliser, (1,)),",
+        "        [loss],\n"
+        "        [tf.cast(replicas, dtype)],\n"
+        "        tf.ones((1,), dtype),",
+        (
+            f"{T_EXACT}::test_epoch_mode_with_ragged_last_batch",
+            f"{T_NUMERICS}::test_mixed_precision_close_to_float32_big_batch",
+            "tests/misuse_test.py::TestAllowedNeighbours::"
+            "test_epoch_window_with_batch_backup",
+            "tests/examples_test.py::"
+            "test_train_digits_writes_table_plot_and_models",
+        ),
+    ),
+    Mutant(
+        "dropped-leftover-window",
+        "keras_accum/flush_callback.py",
+        "        self.model.apply_accumulated_gradients()\n"
+        "        self._check_finite(",
+        "        self.model.reset_accumulated_gradients()\n"
+        "        self._check_finite(",
+        (f"{T_EXACT}::test_every_n_with_leftover_flush[6-sgd]",),
+    ),
+    Mutant(
+        "update-after-validation",
+        "keras_accum/flush_callback.py",
+        "        # Validation inside `fit` runs before `on_epoch_end`.\n"
+        "        self._apply_pending()",
+        "        pass",
+        (
+            "tests/accumulating_model_test.py::TestFitIntegration::"
+            "test_validation_and_callbacks_see_updated_weights",
+        ),
+    ),
+    Mutant(
+        "iterations-per-micro-step",
+        "keras_accum/accumulating_model.py",
+        "            self._accumulator.add(term_gradients, "
+        "contribution.normalisers)\n"
+        "            self._accumulator.count_micro_batch()\n",
+        "            self._accumulator.add(term_gradients, "
+        "contribution.normalisers)\n"
+        "            self._accumulator.count_micro_batch()\n"
+        "            self.optimizer.iterations.assign_add(1)\n",
+        (
+            f"{T_NUMERICS}::"
+            "test_sgd_learning_rate_schedule_is_keyed_on_updates",
+        ),
+    ),
+    Mutant(
+        "no-reset-after-update",
+        "keras_accum/accumulating_model.py",
+        "        optimizer.apply(gradients, self.trainable_variables)\n"
+        "        accumulator.reset()\n",
+        "        optimizer.apply(gradients, self.trainable_variables)\n",
+        (f"{T_EXACT}::test_every_n_with_leftover_flush[4-sgd]",),
+    ),
+    Mutant(
+        "regularisation-per-micro-batch",
+        "keras_accum/objectives.py",
+        "    later = 1.0 - tf.cast(first_in_window, loss.dtype)",
+        "    later = 0.0 * tf.cast(first_in_window, loss.dtype)",
+        (
+            "tests/normalisation_test.py::"
+            "test_every_reduction_with_sample_weights[epoch-sum]",
+        ),
+    ),
+    Mutant(
+        "no-replica-scaling",
+        "keras_accum/objectives.py",
+        "    return tf.stop_gradient(normaliser) * tf.cast(replicas, "
+        "normaliser.dtype)",
+        "    return tf.stop_gradient(normaliser)",
+        (
+            "tests/distribution_test.py::TestMirroredStrategy::"
+            "test_sgd_update_matches_single_device_big_batch",
+        ),
+    ),
+    Mutant(
+        "nonfinite-window-applied",
+        "keras_accum/accumulating_model.py",
+        "normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)",
+        "normalisers, finite = totals[:-1], tf.constant(True)",
+        (
+            f"{T_NONFINITE}::"
+            "test_raise_names_epoch_and_window_and_keeps_weights",
+        ),
+    ),
+    Mutant(
+        "not-zeroed-at-train-begin",
+        "keras_accum/flush_callback.py",
+        "            self.model.reset_accumulated_gradients()\n"
+        "            self._accumulator.skipped.assign(0)",
+        "            self._accumulator.skipped.assign(0)",
+        (
+            "tests/interruption_test.py::TestExceptionMidWindow::"
+            "test_next_fit_discards_the_partial_window",
+        ),
+    ),
+    Mutant(
+        "mean-with-sample-weight-normaliser",
+        "keras_accum/loss_normalisers.py",
+        "        return ops.sum(weights)",
+        "        return ops.cast(ops.size(values), values.dtype)",
+        (
+            "tests/normalisation_test.py::"
+            "test_every_reduction_with_sample_weights[epoch-"
+            "mean_with_sample_weight]",
+        ),
+    ),
+    Mutant(
+        "schedule-key-lookup",
+        "keras_accum/window_schedule.py",
+        "            start = max(s for s in self._starts if s <= epoch)",
+        "            start = min(s for s in self._starts if s <= epoch)",
+        (
+            "tests/numerics_test.py::TestAccumulationSchedules::"
+            "test_dict_schedule_grows_the_window",
+            "tests/misuse_test.py::TestAllowedNeighbours::"
+            "test_wrap_accepts_a_schedule",
+        ),
+    ),
+    Mutant(
+        "accumulate-missing-from-get-config",
+        "keras_accum/accumulating_model.py",
+        '                "accumulate": self._schedule.get_config(),\n',
+        "",
+        (
+            "tests/saving_test.py::test_save_load_resume_equals_uninterrupted"
+            "[3]",
+            "tests/numerics_test.py::TestAccumulationSchedules::"
+            "test_dict_schedule_round_trips",
+        ),
+    ),
+    Mutant(
+        "wrap-copies-weights",
+        "keras_accum/accumulating_model.py",
+        "    return FunctionalAccumulatingModel(\n"
+        "        graph._inputs_struct,",
+        "    graph = keras.models.clone_model(graph)\n"
+        "    return FunctionalAccumulatingModel(\n"
+        "        graph._inputs_struct,",
+        (f"{T_EXACT}::test_wrap_shares_weights_and_is_exact",),
+    ),
+    Mutant(
+        "accumulate-zero-accepted",
+        "keras_accum/validation.py",
+        "    if value < 1:\n",
+        "    if value < 0:\n",
+        ("tests/validation_test.py::test_bad_accumulate",),
+    ),
+    Mutant(
+        "counters-not-reset-between-fits",
+        "keras_accum/flush_callback.py",
+        "            self._accumulator.skipped.assign(0)\n"
+        "            self._accumulator.discarded.assign(0)\n",
+        "",
+        (
+            f"{T_NONFINITE}::"
+            "test_raise_then_clean_fit_counts_no_discarded_window",
+            f"{T_NONFINITE}::test_skip_counts_restart_at_each_fit",
+        ),
+    ),
+    Mutant(
+        "loss-scale-not-lowered",
+        "keras_accum/loss_scale.py",
+        "optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 0.5)",
+        "optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 1.0)",
+        (f"{T_NUMERICS}::test_loss_scale_overflow_is_skipped_not_accumulated",),
+    ),
+    # Finer mutants for the weak tests of issue 17.
+    Mutant(
+        "discarded-windows-not-reset",
+        "keras_accum/flush_callback.py",
+        "            self._accumulator.discarded.assign(0)\n",
+        "",
+        (
+            f"{T_NONFINITE}::"
+            "test_raise_then_clean_fit_counts_no_discarded_window",
+        ),
+    ),
+    Mutant(
+        "skipped-micro-batches-not-reset",
+        "keras_accum/flush_callback.py",
+        "            self._accumulator.skipped.assign(0)\n",
+        "",
+        (f"{T_NONFINITE}::test_skip_counts_restart_at_each_fit",),
+    ),
+    Mutant(
+        "update-after-other-callbacks",
+        "keras_accum/accumulating_model.py",
+        "    return [flush] + existing",
+        "    return existing + [flush]",
+        (
+            f"{T_NUMERICS}::"
+            "test_reduce_lr_on_plateau_reduced_rate_drives_the_next_update",
+        ),
+    ),
+    Mutant(
+        "overflowed-micro-batch-normaliser-counted",
+        "keras_accum/accumulating_model.py",
+        "            normalisers * keep,\n",
+        "            normalisers,\n",
+        (
+            f"{T_NUMERICS}::"
+            "test_loss_scale_overflow_is_skipped_not_accumulated",
+            f"{T_NONFINITE}::test_skip_leaves_out_the_micro_batch_exactly",
+        ),
+    ),
+)
+
+
+def apply(mutant, root):
+    """Applies `mutant` to the copy at `root`.
+
+    Raises:
+        ValueError: if the search text does not occur exactly once.
+    """
+    path = pathlib.Path(root) / mutant.path
+    source = path.read_text()
+    count = source.count(mutant.old)
+    if count != 1:
+        raise ValueError(
+            f"Mutant {mutant.name!r}: its search text must occur exactly once "
+            f"in {mutant.path}. Received: {count} occurrences"
+        )
+    path.write_text(source.replace(mutant.old, mutant.new))
+
+
+def copy_repository(destination):
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(
+                source, destination / name,
+                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+            )
+        else:
+            shutil.copy2(source, destination / name)
+
+
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def _covers(target, node_id):
+    return node_id == target or node_id.startswith((target + "::",
+                                                    target + "["))
+
+
+def run_mutant(mutant, workers, first_failure, python):
+    """Returns (status, seconds, detail) for one mutant.
+
+    `mutant=None` runs every mutant's tests on the unmutated copy instead
+    (status `"passed"` when they all pass).
+    """
+    start = time.perf_counter()
+    name = mutant.name if mutant else "baseline"
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        root = pathlib.Path(tmp)
+        copy_repository(root)
+        if mutant is None:
+            tests = sorted({t for m in MUTANTS for t in m.tests})
+        else:
+            tests = mutant.tests
+            try:
+                apply(mutant, root)
+            except ValueError as error:
+                return "error", time.perf_counter() - start, str(error)
+        command = [
+            python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+            "-n", str(workers), *(["-x"] if first_failure else []),
+            *tests,
+        ]
+        env = dict(os.environ, PYTHONPATH=str(root),
+                   KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+        result = subprocess.run(command, cwd=root, env=env,
+                                capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    failed = _FAILED.findall(output)
+    if mutant is None:
+        status = "passed" if result.returncode == 0 else "failed"
+        return status, seconds, "\n".join(failed) or output[-2000:] * (
+            result.returncode != 0
+        )
+    if result.returncode not in (0, 1):
+        return "error", seconds, f"pytest exit {result.returncode}\n" + (
+            output[-2000:]
+        )
+    if first_failure:
+        status = "caught" if result.returncode == 1 else "survived"
+        return status, seconds, ""
+    missed = [t for t in mutant.tests
+              if not any(_covers(t, node) for node in failed)]
+    if missed:
+        return "survived", seconds, "passed with the bug: " + ", ".join(missed)
+    return "caught", seconds, ""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these mutants")
+    parser.add_argument("--list", action="store_true",
+                        help="print the mutants and their tests, then exit")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="mutants run at once (each its own pytest)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="pytest-xdist workers per mutant (0: none)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="run every mutant's tests without a mutant; "
+                        "they must all pass")
+    parser.add_argument("--first-failure", action="store_true",
+                        help="pytest -x: caught at the first failing test, "
+                        "instead of requiring every listed test to fail")
+    args = parser.parse_args(argv)
+    names = {m.name for m in MUTANTS}
+    unknown = sorted(set(args.only or ()) - names)
+    if unknown:
+        parser.error(f"unknown mutant(s): {unknown}. Known: {sorted(names)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        for mutant in mutants:
+            print(f"{mutant.name}  ({mutant.path})")
+            for test in mutant.tests:
+                print(f"    {test}")
+        return 0
+    if args.baseline:
+        status, seconds, detail = run_mutant(None, args.workers, False,
+                                             sys.executable)
+        print(f"baseline {status} in {seconds:.0f} s")
+        if detail:
+            print(detail)
+        return 0 if status == "passed" else 1
+
+    start = time.perf_counter()
+    results = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {
+            pool.submit(run_mutant, m, args.workers, args.first_failure,
+                        sys.executable): m
+            for m in mutants
+        }
+        for future, mutant in futures.items():
+            status, seconds, detail = future.result()
+            results[mutant.name] = status
+            print(f"{status:8s} {seconds:6.0f} s  {mutant.name}", flush=True)
+            if detail:
+                print("         " + detail.replace("\n", "\n         "))
+    caught = sum(status == "caught" for status in results.values())
+    total = time.perf_counter() - start
+    print(f"\nMutation score: {caught}/{len(results)} caught "
+          f"({100 * caught / max(len(results), 1):.0f}%) in {total:.0f} s.")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
