@@ -4,10 +4,8 @@ import inspect
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
 
+from keras_accum import _keras_internals
 from keras_accum import distribute_utils
 from keras_accum import loss_scale
 from keras_accum import objectives
@@ -85,7 +83,7 @@ class AccumulatingModel(keras.Model):
         # `keras.Model.__init__` rewrites the bases of a class used
         # functionally, for good; route functional calls to a dedicated
         # subclass so `AccumulatingModel` stays usable as a base class.
-        if cls is AccumulatingModel and functional_init_arguments(args, kwargs):
+        if cls is AccumulatingModel and _keras_internals.functional_init_arguments(args, kwargs):
             return keras.Model.__new__(
                 FunctionalAccumulatingModel, *args, **kwargs
             )
@@ -110,8 +108,8 @@ class AccumulatingModel(keras.Model):
         validation.validate_choice(
             on_nonfinite, "on_nonfinite", validation.NONFINITE_POLICIES
         )
-        if functional_init_arguments(args, kwargs) and not isinstance(
-            self, Functional
+        if _keras_internals.functional_init_arguments(args, kwargs) and not isinstance(
+            self, _keras_internals.Functional
         ):
             # Keras would rewrite this class's bases to `Functional` for good.
             raise TypeError(
@@ -227,6 +225,9 @@ class AccumulatingModel(keras.Model):
             steps_per_epoch=arguments.get("steps_per_epoch"),
             callbacks=callbacks,
         )
+        _keras_internals.check_activity_regularisation(
+            self, self._schedule.value != 1, self._reduction
+        )
         callbacks = _with_flush_callback(callbacks)
         if len(args) > _FIT_CALLBACKS_POSITION:
             args = list(args)
@@ -302,15 +303,15 @@ class AccumulatingModel(keras.Model):
         )
 
     def _all_layers_built(self):
-        return all(layer.built for layer in self._flatten_layers())
+        return all(
+            layer.built for layer in _keras_internals.all_layers(self)
+        )
 
     def _loss_terms(self):
         if self._loss_normalisation == objectives.SHARED:
             return 1
-        compile_loss = getattr(self, "_compile_loss", None)
-        if compile_loss is None or not compile_loss.built:
-            return None
-        return len(compile_loss._flat_losses)
+        compiled = _keras_internals.compiled_losses(self)
+        return None if compiled is None else len(compiled)
 
     def _build_accumulation_state(self):
         if self._accumulator.built:
@@ -365,7 +366,8 @@ class AccumulatingModel(keras.Model):
             else:
                 y_pred = self(x)
             with record_loss_normalisers() as terms:
-                loss = self._compute_loss(
+                loss = _keras_internals.compute_loss(
+                    self,
                     x=x,
                     y=y,
                     y_pred=y_pred,
@@ -381,14 +383,14 @@ class AccumulatingModel(keras.Model):
                 batch_size,
                 first_in_window=self._accumulator.mini_step.value == 0,
             )
-            logged_loss = keras_loss_module.unscale_loss_for_distribution(loss)
+            logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
             logging_weight = contribution.logging_weight
             if self._on_nonfinite == "skip":
                 # A skipped micro-batch is left out of the logged loss too.
                 finite_loss = tf.math.is_finite(logged_loss)
                 logged_loss = tf.where(finite_loss, logged_loss, 0.0)
                 logging_weight = tf.where(finite_loss, logging_weight, 0.0)
-            self._loss_tracker.update_state(
+            _keras_internals.loss_tracker(self).update_state(
                 logged_loss, sample_weight=logging_weight
             )
             dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
@@ -715,7 +717,9 @@ class _StepFunctions:
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")
-class FunctionalAccumulatingModel(AccumulatingModel, Functional):
+class FunctionalAccumulatingModel(
+    AccumulatingModel, _keras_internals.Functional
+):
     """The functional form of `AccumulatingModel`.
 
     `AccumulatingModel(inputs, outputs, ...)` returns an instance of this
@@ -723,10 +727,15 @@ class FunctionalAccumulatingModel(AccumulatingModel, Functional):
     """
 
     def __new__(cls, *args, **kwargs):
-        return Functional.__new__(cls, *args, **kwargs)
+        return _keras_internals.Functional.__new__(cls, *args, **kwargs)
 
-    def __init__(self, inputs, outputs, name=None, **kwargs):
-        super().__init__(inputs, outputs, name=name, **kwargs)
+    # `(*args, **kwargs)`, not `(inputs, outputs, name=None, **kwargs)`:
+    # before Keras 3.15, `Functional.get_config` saves the graph only when
+    # `__init__`'s argument list equals the one `getfullargspec` reports for
+    # `Functional.__init__`, which its decorator hides (`()`); with named
+    # arguments the model saved without its graph and failed to load.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
 
 
 def _with_flush_callback(callbacks):
@@ -793,17 +802,22 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
             f"`keras.Sequential`. Received: model of type "
             f"{type(model).__name__}"
         )
-    graph = model._functional if isinstance(model, keras.Sequential) else model
-    if not isinstance(graph, Functional):
+    graph = (
+        _keras_internals.sequential_graph(model)
+        if isinstance(model, keras.Sequential)
+        else model
+    )
+    if not isinstance(graph, _keras_internals.Functional):
         raise TypeError(
             "`wrap()` needs a functional `keras.Model` or a `keras.Sequential` "
             "built with a known input shape; for a subclassed model, subclass "
             f"`AccumulatingModel` instead. Received: model of type "
             f"{type(model).__name__}"
         )
+    inputs, outputs = _keras_internals.graph_structure(graph)
     return FunctionalAccumulatingModel(
-        graph._inputs_struct,
-        graph._outputs_struct,
+        inputs,
+        outputs,
         name=model.name,
         accumulate=accumulate,
         reduction=reduction,

@@ -12,8 +12,8 @@ float16 range, as in plain Keras training.
 import dataclasses
 
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
 
+from keras_accum import _keras_internals
 from keras_accum.loss_normalisers import SUM
 
 SHARED = "shared"
@@ -44,7 +44,7 @@ class MicroBatchContribution:
 
 
 def _regularisation_loss(model, dtype):
-    losses = model._get_regularization_losses()
+    losses = _keras_internals.regularization_losses(model)
     if not losses:
         return None
     return tf.add_n([tf.cast(value, dtype) for value in losses])
@@ -62,7 +62,7 @@ def _summed(model, loss, first_in_window):
     if regularisation is None:
         return loss
     later = 1.0 - tf.cast(first_in_window, loss.dtype)
-    return loss - later * keras_loss_module.scale_loss_for_distribution(
+    return loss - later * _keras_internals.scale_loss_for_distribution(
         regularisation
     )
 
@@ -114,7 +114,7 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
     sample weights. Losses outside the compiled ones (regularisation,
     `add_loss`) go with the first term.
     """
-    flat_losses = model._compile_loss._flat_losses
+    flat_losses = _keras_internals.compiled_losses(model)
     if len(terms) != len(flat_losses):
         raise ValueError(
             '`loss_normalisation="per_loss"` needs every loss term to come '
