@@ -109,6 +109,7 @@ def _fit_under(strategy, accumulate, model_class=AccumulatingModel, **kwargs):
 
 @pytest.mark.usefixtures("float64")
 class TestMirroredStrategy:
+    @pytest.mark.slice
     @pytest.mark.parametrize("replicas", [2, 4])
     @pytest.mark.parametrize("accumulate", ["epoch", 4])
     def test_matches_single_device_big_batch(self, replicas, accumulate):

@@ -104,6 +104,7 @@ def _exact_and_naive_fails(graph, data, accumulate, batch, compile_kwargs,
     return error, naive_error
 
 
+@pytest.mark.slice
 @pytest.mark.usefixtures("float64")
 class TestMaskedSequences:
     @pytest.mark.parametrize("accumulate", ["epoch", 3])
@@ -249,6 +250,7 @@ def _activity_regularised_graph():
     return inputs, outputs
 
 
+@pytest.mark.slice
 @pytest.mark.skipif(
     _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN,
     reason="Keras >= 3.14 averages activity regularisation over the batch",
@@ -265,6 +267,7 @@ def test_activity_regulariser_refused_where_keras_sums_it():
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
+@pytest.mark.slice
 @pytest.mark.skipif(
     not _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN,
     reason="Keras < 3.14 sums activity regularisation (refused, see above)",

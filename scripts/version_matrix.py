@@ -1,0 +1,168 @@
+"""Runs the test slice on every supported TensorFlow/Keras combination.
+
+Each combination gets its own virtual environment (reused when it exists)
+with exactly that TensorFlow and Keras, the test requirements, and keras_accum
+installed from this checkout or from a built wheel (`--wheel`), then runs the
+tests marked `slice` (exactness, normalisation, saving round trips of every
+model form, schedules, one distribution test, the Keras-internals checks).
+The result is a Markdown table (versions x pass/fail); `--readme` writes it
+into README.md between the `version-matrix` markers.
+
+Usage:
+
+    python scripts/version_matrix.py                    # the whole matrix
+    python scripts/version_matrix.py --only lowest      # one combination
+    python scripts/version_matrix.py --wheel dist/keras_accum-*.whl --only lowest
+    python scripts/version_matrix.py --readme           # table into README
+
+Environments live in `--venvs` (default `/tmp/venvs`); pip's cache makes a
+rebuild cheap. `tensorflow-cpu` is installed: lighter, same Python code.
+"""
+
+import argparse
+import datetime
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# (TensorFlow, Keras): the supported range's ends and the versions where
+# Keras' behaviour changes (3.13: masked divisor; 3.14: activity
+# regularisation; 3.15: functional get_config). Every TensorFlow pins a Keras
+# floor: 2.16 >= 3.0, 2.17 >= 3.2, 2.18/2.19 >= 3.5, 2.20 >= 3.10, 2.21 >= 3.12.
+MATRIX = {
+    "lowest": ("2.16.2", "3.10.0"),
+    "tf2.17-keras3.11": ("2.17.1", "3.11.3"),
+    "tf2.18-keras3.12": ("2.18.1", "3.12.4"),
+    "tf2.19-keras3.13": ("2.19.1", "3.13.2"),
+    "tf2.19-keras3.14": ("2.19.1", "3.14.1"),
+    "tf2.20-keras3.15": ("2.20.0", "3.15.1"),
+    "newest": ("2.21.0", "3.15.1"),
+}
+TEST_REQUIREMENTS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6",
+                     "psutil>=5"]
+BEGIN = "<!-- version-matrix:begin (scripts/version_matrix.py) -->"
+END = "<!-- version-matrix:end -->"
+
+
+def _run(command, log, **kwargs):
+    log.write(f"$ {' '.join(map(str, command))}\n")
+    log.flush()
+    return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                          **kwargs).returncode
+
+
+def environment(venvs, name, tensorflow, keras, wheel, log):
+    """Creates (or reuses) the venv of one combination; returns its python."""
+    venv = venvs / f"tf{tensorflow}-keras{keras}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        if _run([sys.executable, "-m", "venv", venv], log):
+            raise RuntimeError(f"{name}: venv creation failed")
+        _run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"], log)
+        if _run([python, "-m", "pip", "install", "-q",
+                 f"tensorflow-cpu=={tensorflow}", f"keras=={keras}",
+                 *TEST_REQUIREMENTS], log):
+            raise RuntimeError(f"{name}: pip could not install "
+                               f"tensorflow-cpu=={tensorflow} keras=={keras}")
+    # keras_accum itself, without letting pip move TensorFlow or Keras.
+    target = str(wheel) if wheel else str(ROOT)
+    if _run([python, "-m", "pip", "install", "-q", "--force-reinstall",
+             "--no-deps", target], log):
+        raise RuntimeError(f"{name}: could not install {target}")
+    return python
+
+
+def run_slice(python, log, workers):
+    """Runs the slice; the repository is appended to `sys.path`
+    (`--import-mode=append`), so the *installed* keras_accum is tested."""
+    command = [python, "-m", "pytest", "-m", "slice", "-q", "-p",
+               "no:cacheprovider", "--import-mode=append", "-n", str(workers)]
+    start = time.monotonic()
+    code = _run(command, log, cwd=ROOT)
+    return code, time.monotonic() - start
+
+
+def summary(log_path):
+    text = log_path.read_text(errors="replace")
+    found = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", text,
+                       re.MULTILINE)
+    return found[-1].strip(" =") if found else "no pytest summary"
+
+
+def table(rows):
+    lines = [
+        "| TensorFlow | Keras | Python | slice | result |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['tensorflow']} | {row['keras']} | {row['python']} | "
+            f"{row['summary']} | {'pass' if row['ok'] else '**fail**'} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Produced by `scripts/version_matrix.py` on "
+        f"{datetime.date.today().isoformat()}, Linux x86-64, tensorflow-cpu."
+    )
+    return "\n".join(lines)
+
+
+def write_readme(markdown):
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(MATRIX),
+                        help="combinations to run (default: all)")
+    parser.add_argument("--venvs", type=pathlib.Path,
+                        default=pathlib.Path("/tmp/venvs"))
+    parser.add_argument("--wheel", type=pathlib.Path,
+                        help="install this built wheel instead of the checkout")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--readme", action="store_true",
+                        help="write the table into README.md")
+    arguments = parser.parse_args()
+    arguments.venvs.mkdir(parents=True, exist_ok=True)
+    python_version = platform.python_version()
+    rows = []
+    for name in arguments.only or MATRIX:
+        tensorflow, keras = MATRIX[name]
+        log_path = arguments.venvs / f"{name}.log"
+        with log_path.open("w") as log:
+            try:
+                python = environment(arguments.venvs, name, tensorflow, keras,
+                                     arguments.wheel, log)
+                code, seconds = run_slice(python, log, arguments.workers)
+            except RuntimeError as error:
+                log.write(f"{error}\n")
+                code, seconds = 1, 0.0
+        row = {
+            "name": name, "tensorflow": tensorflow, "keras": keras,
+            "python": python_version, "ok": code == 0,
+            "summary": summary(log_path),
+        }
+        rows.append(row)
+        print(f"{name}: TF {tensorflow}, Keras {keras}: "
+              f"{'pass' if row['ok'] else 'FAIL'} ({row['summary']}, "
+              f"{seconds:.0f} s; log {log_path})", flush=True)
+    markdown = table(rows)
+    print(markdown)
+    if arguments.readme:
+        write_readme(markdown)
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
