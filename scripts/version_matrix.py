@@ -69,19 +69,64 @@ def environment(venvs, name, tensorflow, keras, wheel, log):
                  *TEST_REQUIREMENTS], log):
             raise RuntimeError(f"{name}: pip could not install "
                                f"tensorflow-cpu=={tensorflow} keras=={keras}")
-    # keras_accum itself, without letting pip move TensorFlow or Keras.
+    # keras_accum itself, without letting pip move TensorFlow or Keras
+    # (`tensorflow-cpu` does not satisfy a `tensorflow` requirement for pip,
+    # so the declared requirements are checked by `_REQUIREMENTS_CHECK`).
     target = str(wheel) if wheel else str(ROOT)
     if _run([python, "-m", "pip", "install", "-q", "--force-reinstall",
              "--no-deps", target], log):
         raise RuntimeError(f"{name}: could not install {target}")
+    if _run([python, "-c", _REQUIREMENTS_CHECK], log, cwd="/"):
+        raise RuntimeError(f"{name}: keras-accum's requirements exclude "
+                           f"tensorflow {tensorflow} / keras {keras}")
     return python
 
 
+# Fails when the installed TensorFlow, Keras or Python is outside what
+# keras-accum's metadata declares (the pins in pyproject.toml).
+_REQUIREMENTS_CHECK = """
+import platform
+from importlib import metadata
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+declared = metadata.metadata("keras-accum")
+python = Version(platform.python_version())
+problems = []
+if python not in Requirement("python" + declared["Requires-Python"]).specifier:
+    problems.append(f"python {python} not in {declared['Requires-Python']}")
+for text in metadata.requires("keras-accum") or []:
+    requirement = Requirement(text)
+    if requirement.marker is not None:
+        continue  # an extra
+    names = [requirement.name]
+    if requirement.name == "tensorflow":
+        names.append("tensorflow-cpu")
+    versions = []
+    for name in names:
+        try:
+            versions.append(Version(metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            pass
+    if not any(v in requirement.specifier for v in versions):
+        problems.append(f"{requirement} not met by {versions}")
+print("requirements:", "; ".join(problems) or "met")
+raise SystemExit(1 if problems else 0)
+"""
+
+
 def run_slice(python, log, workers):
-    """Runs the slice; the repository is appended to `sys.path`
-    (`--import-mode=append`), so the *installed* keras_accum is tested."""
-    command = [python, "-m", "pytest", "-m", "slice", "-q", "-p",
-               "no:cacheprovider", "--import-mode=append", "-n", str(workers)]
+    """Runs the slice on the *installed* keras_accum: the `pytest` script,
+    not `python -m pytest` (which would put the checkout first on
+    `sys.path`), and the checkout appended (`--import-mode=append`) only
+    for `tests`."""
+    pytest = pathlib.Path(python).parent / "pytest"
+    probe = ("import keras, tensorflow, keras_accum; "
+             "print('keras_accum from', keras_accum.__file__, 'keras', "
+             "keras.version(), 'tensorflow', tensorflow.__version__)")
+    _run([python, "-c", probe], log, cwd="/")
+    command = [pytest, "-m", "slice", "-q", "-p", "no:cacheprovider",
+               "--import-mode=append", "-n", str(workers)]
     start = time.monotonic()
     code = _run(command, log, cwd=ROOT)
     return code, time.monotonic() - start
