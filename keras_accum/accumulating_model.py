@@ -10,6 +10,8 @@ from keras_accum import distribute_utils
 from keras_accum import loss_scale
 from keras_accum import objectives
 from keras_accum import validation
+from keras_accum._keras_internals import Functional
+from keras_accum._keras_internals import functional_init_arguments
 from keras_accum.accumulators import GradientAccumulator
 from keras_accum.flush_callback import ApplyAccumulatedGradients
 from keras_accum.loss_normalisers import record_loss_normalisers
@@ -83,7 +85,7 @@ class AccumulatingModel(keras.Model):
         # `keras.Model.__init__` rewrites the bases of a class used
         # functionally, for good; route functional calls to a dedicated
         # subclass so `AccumulatingModel` stays usable as a base class.
-        if cls is AccumulatingModel and _keras_internals.functional_init_arguments(args, kwargs):
+        if cls is AccumulatingModel and functional_init_arguments(args, kwargs):
             return keras.Model.__new__(
                 FunctionalAccumulatingModel, *args, **kwargs
             )
@@ -108,8 +110,8 @@ class AccumulatingModel(keras.Model):
         validation.validate_choice(
             on_nonfinite, "on_nonfinite", validation.NONFINITE_POLICIES
         )
-        if _keras_internals.functional_init_arguments(args, kwargs) and not isinstance(
-            self, _keras_internals.Functional
+        if functional_init_arguments(args, kwargs) and not isinstance(
+            self, Functional
         ):
             # Keras would rewrite this class's bases to `Functional` for good.
             raise TypeError(
@@ -717,9 +719,7 @@ class _StepFunctions:
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")
-class FunctionalAccumulatingModel(
-    AccumulatingModel, _keras_internals.Functional
-):
+class FunctionalAccumulatingModel(AccumulatingModel, Functional):
     """The functional form of `AccumulatingModel`.
 
     `AccumulatingModel(inputs, outputs, ...)` returns an instance of this
@@ -727,7 +727,7 @@ class FunctionalAccumulatingModel(
     """
 
     def __new__(cls, *args, **kwargs):
-        return _keras_internals.Functional.__new__(cls, *args, **kwargs)
+        return Functional.__new__(cls, *args, **kwargs)
 
     # `(*args, **kwargs)`, not `(inputs, outputs, name=None, **kwargs)`:
     # before Keras 3.15, `Functional.get_config` saves the graph only when
@@ -807,7 +807,7 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
         if isinstance(model, keras.Sequential)
         else model
     )
-    if not isinstance(graph, _keras_internals.Functional):
+    if not isinstance(graph, Functional):
         raise TypeError(
             "`wrap()` needs a functional `keras.Model` or a `keras.Sequential` "
             "built with a known input shape; for a subclassed model, subclass "
