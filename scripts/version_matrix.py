@@ -5,8 +5,10 @@ with exactly that TensorFlow and Keras, the test requirements, and keras_accum
 installed from this checkout or from a built wheel (`--wheel`), then runs the
 tests marked `slice` (exactness, normalisation, saving round trips of every
 model form, schedules, one distribution test, the Keras-internals checks).
-The result is a Markdown table (versions x pass/fail); `--readme` writes it
-into README.md between the `version-matrix` markers.
+Each combination's last result is kept in `scripts/version_matrix.json`
+(merged, so combinations can be run one at a time); the Markdown table
+(versions x pass/fail) is made from it, and `--readme` writes it into
+README.md between the `version-matrix` markers.
 
 Usage:
 
@@ -21,6 +23,7 @@ rebuild cheap. `tensorflow-cpu` is installed: lighter, same Python code.
 
 import argparse
 import datetime
+import json
 import pathlib
 import platform
 import re
@@ -29,6 +32,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "scripts" / "version_matrix.json"
 
 # (TensorFlow, Keras): the supported range's ends and the versions where
 # Keras' behaviour changes (3.13: masked divisor; 3.14: activity
@@ -116,16 +120,14 @@ raise SystemExit(1 if problems else 0)
 
 
 def run_slice(python, log, workers):
-    """Runs the slice on the *installed* keras_accum: the `pytest` script,
-    not `python -m pytest` (which would put the checkout first on
-    `sys.path`), and the checkout appended (`--import-mode=append`) only
-    for `tests`."""
-    pytest = pathlib.Path(python).parent / "pytest"
+    """Runs the slice on the *installed* keras_accum: `python -P` keeps the
+    checkout off the front of `sys.path`, and `--import-mode=append` adds it
+    at the end, only for `tests`."""
     probe = ("import keras, tensorflow, keras_accum; "
              "print('keras_accum from', keras_accum.__file__, 'keras', "
              "keras.version(), 'tensorflow', tensorflow.__version__)")
     _run([python, "-c", probe], log, cwd="/")
-    command = [pytest, "-m", "slice", "-q", "-rs", "--durations=6", "-p",
+    command = [python, "-P", "-m", "pytest", "-m", "slice", "-q", "-rs", "--durations=6", "-p",
                "no:cacheprovider",
                "--import-mode=append", "-n", str(workers)]
     start = time.monotonic()
@@ -140,20 +142,24 @@ def summary(log_path):
     return found[-1].strip(" =") if found else "no pytest summary"
 
 
-def table(rows):
+def table(results):
     lines = [
-        "| TensorFlow | Keras | Python | slice | result |",
-        "|---|---|---|---|---|",
+        "| TensorFlow | Keras | Python | slice | result | date |",
+        "|---|---|---|---|---|---|",
     ]
-    for row in rows:
+    for name in MATRIX:
+        row = results.get(name)
+        if row is None:
+            continue
         lines.append(
             f"| {row['tensorflow']} | {row['keras']} | {row['python']} | "
-            f"{row['summary']} | {'pass' if row['ok'] else '**fail**'} |"
+            f"{row['summary']} | {'pass' if row['ok'] else '**fail**'} | "
+            f"{row['date']} |"
         )
     lines.append("")
     lines.append(
-        f"Produced by `scripts/version_matrix.py` on "
-        f"{datetime.date.today().isoformat()}, Linux x86-64, tensorflow-cpu."
+        "Produced by `scripts/version_matrix.py` (Linux x86-64, "
+        "`tensorflow-cpu`, keras_accum installed from the checkout)."
     )
     return "\n".join(lines)
 
@@ -182,7 +188,8 @@ def main():
     arguments = parser.parse_args()
     arguments.venvs.mkdir(parents=True, exist_ok=True)
     python_version = platform.python_version()
-    rows = []
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    ok = True
     for name in arguments.only or MATRIX:
         tensorflow, keras = MATRIX[name]
         log_path = arguments.venvs / f"{name}.log"
@@ -195,19 +202,30 @@ def main():
                 log.write(f"{error}\n")
                 code, seconds = 1, 0.0
         row = {
-            "name": name, "tensorflow": tensorflow, "keras": keras,
+            "tensorflow": tensorflow, "keras": keras,
             "python": python_version, "ok": code == 0,
             "summary": summary(log_path),
+            "date": datetime.date.today().isoformat(),
+            "seconds": round(seconds),
         }
-        rows.append(row)
+        ok = ok and row["ok"]
         print(f"{name}: TF {tensorflow}, Keras {keras}: "
               f"{'pass' if row['ok'] else 'FAIL'} ({row['summary']}, "
               f"{seconds:.0f} s; log {log_path})", flush=True)
-    markdown = table(rows)
+        if not row["ok"]:
+            lines = log_path.read_text(errors="replace").splitlines()
+            print("\n".join(lines[-60:]), flush=True)
+        if arguments.wheel is None:
+            # Results of the checkout only: a wheel run is CI's check.
+            results[name] = row
+    if arguments.wheel is None:
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True)
+                           + "\n")
+    markdown = table(results)
     print(markdown)
     if arguments.readme:
         write_readme(markdown)
-    return 0 if all(row["ok"] for row in rows) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
