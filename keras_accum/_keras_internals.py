@@ -25,8 +25,9 @@ import keras
 
 from keras_accum.version import __version__
 
-# The range proven by the version matrix (README, "Compatibility").
-CHECKED_KERAS = "3.10.0 to 3.15.1"
+# The range proven by the version matrix (README, "Compatibility"); "Keras
+# 3.10.0 to 3.15.1" in a docstring below means each of these releases.
+CHECKED_KERAS = "3.10.0, 3.11.3, 3.12.4, 3.13.2, 3.14.1 and 3.15.1"
 
 
 def _parse(version):

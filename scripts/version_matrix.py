@@ -14,7 +14,7 @@ Usage:
 
     python scripts/version_matrix.py                    # the whole matrix
     python scripts/version_matrix.py --only lowest      # one combination
-    python scripts/version_matrix.py --only lowest --wheel dist/keras_accum-*.whl
+    python scripts/version_matrix.py --only lowest --wheel dist/*.whl
     python scripts/version_matrix.py --readme           # table into README
 
 Environments live in `--venvs` (default `/tmp/venvs`); pip's cache makes a
@@ -127,8 +127,8 @@ def run_slice(python, log, workers):
              "print('keras_accum from', keras_accum.__file__, 'keras', "
              "keras.version(), 'tensorflow', tensorflow.__version__)")
     _run([python, "-c", probe], log, cwd="/")
-    command = [python, "-P", "-m", "pytest", "-m", "slice", "-q", "-rs", "--durations=6", "-p",
-               "no:cacheprovider",
+    command = [python, "-P", "-m", "pytest", "-m", "slice", "-q", "-rs",
+               "--durations=6", "-p", "no:cacheprovider",
                "--import-mode=append", "-n", str(workers)]
     start = time.monotonic()
     code = _run(command, log, cwd=ROOT)
