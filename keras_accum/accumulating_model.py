@@ -6,15 +6,15 @@ import warnings
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
 
+from keras_accum import _keras_internals
 from keras_accum import custom_steps
 from keras_accum import distribute_utils
 from keras_accum import loss_scale
 from keras_accum import objectives
 from keras_accum import validation
+from keras_accum._keras_internals import Functional
+from keras_accum._keras_internals import functional_init_arguments
 from keras_accum.accumulators import GradientAccumulator
 from keras_accum.flush_callback import ApplyAccumulatedGradients
 from keras_accum.loss_normalisers import record_loss_normalisers
@@ -254,6 +254,9 @@ class AccumulatingModel(keras.Model):
             steps_per_epoch=arguments.get("steps_per_epoch"),
             callbacks=callbacks,
         )
+        _keras_internals.check_activity_regularisation(
+            self, self._schedule.value != 1, self._reduction
+        )
         callbacks = _with_flush_callback(callbacks)
         if len(args) > _FIT_CALLBACKS_POSITION:
             args = list(args)
@@ -330,7 +333,9 @@ class AccumulatingModel(keras.Model):
         )
 
     def _all_layers_built(self):
-        return all(layer.built for layer in self._flatten_layers())
+        return all(
+            layer.built for layer in _keras_internals.all_layers(self)
+        )
 
     def _accumulates_in_step(self):
         """Whether the train step accumulates (not plain Keras training)."""
@@ -341,8 +346,10 @@ class AccumulatingModel(keras.Model):
     def _loss_terms(self):
         """Number of separately normalised loss terms, `None` until the
         compiled loss is built (see `objectives.loss_terms`)."""
+        if getattr(self, "_compile_loss", None) is None:
+            return 1
         return objectives.loss_terms(
-            self._loss_normalisation, getattr(self, "_compile_loss", None)
+            self._loss_normalisation, _keras_internals.compiled_losses(self)
         )
 
     def _sync_accumulation_state(self):
@@ -452,7 +459,8 @@ class AccumulatingModel(keras.Model):
             else:
                 y_pred = self(x)
             with record_loss_normalisers() as terms:
-                loss = self._compute_loss(
+                loss = _keras_internals.compute_loss(
+                    self,
                     x=x,
                     y=y,
                     y_pred=y_pred,
@@ -468,14 +476,14 @@ class AccumulatingModel(keras.Model):
                 batch_size,
                 first_in_window=self._accumulator.mini_step.value == 0,
             )
-            logged_loss = keras_loss_module.unscale_loss_for_distribution(loss)
+            logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
             logging_weight = contribution.logging_weight
             if self._on_nonfinite == "skip":
                 # A skipped micro-batch is left out of the logged loss too.
                 finite_loss = tf.math.is_finite(logged_loss)
                 logged_loss = tf.where(finite_loss, logged_loss, 0.0)
                 logging_weight = tf.where(finite_loss, logging_weight, 0.0)
-            self._loss_tracker.update_state(
+            _keras_internals.loss_tracker(self).update_state(
                 logged_loss, sample_weight=logging_weight
             )
             dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
@@ -947,8 +955,13 @@ class FunctionalAccumulatingModel(AccumulatingModel, Functional):
     def __new__(cls, *args, **kwargs):
         return Functional.__new__(cls, *args, **kwargs)
 
-    def __init__(self, inputs, outputs, name=None, **kwargs):
-        super().__init__(inputs, outputs, name=name, **kwargs)
+    # `(*args, **kwargs)`, not `(inputs, outputs, name=None, **kwargs)`:
+    # before Keras 3.15, `Functional.get_config` saves the graph only when
+    # `__init__`'s argument list equals the one `getfullargspec` reports for
+    # `Functional.__init__`, which its decorator hides (`()`); with named
+    # arguments the model saved without its graph and failed to load.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
 
 
 def _with_flush_callback(callbacks):
@@ -1015,7 +1028,11 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
             f"`keras.Sequential`. Received: model of type "
             f"{type(model).__name__}"
         )
-    graph = model._functional if isinstance(model, keras.Sequential) else model
+    graph = (
+        _keras_internals.sequential_graph(model)
+        if isinstance(model, keras.Sequential)
+        else model
+    )
     if not isinstance(graph, Functional):
         raise TypeError(
             "`wrap()` needs a functional `keras.Model` or a `keras.Sequential` "
@@ -1023,9 +1040,10 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
             f"`AccumulatingModel` instead. Received: model of type "
             f"{type(model).__name__}"
         )
+    inputs, outputs = _keras_internals.graph_structure(graph)
     return FunctionalAccumulatingModel(
-        graph._inputs_struct,
-        graph._outputs_struct,
+        inputs,
+        outputs,
         name=model.name,
         accumulate=accumulate,
         reduction=reduction,

@@ -20,7 +20,8 @@ import threading
 
 import tensorflow as tf
 from keras import ops
-from keras.src.losses import loss as keras_loss_module
+
+from keras_accum import _keras_internals
 
 SUM = "sum"
 
@@ -48,7 +49,7 @@ def _elements(values, sample_weight):
     """Number of elements the reduced loss values have, after broadcasting."""
     if sample_weight is None:
         return ops.cast(ops.size(values), values.dtype)
-    values, sample_weight = keras_loss_module.squeeze_or_expand_to_same_rank(
+    values, sample_weight = _keras_internals.squeeze_or_expand_to_same_rank(
         values, sample_weight
     )
     shape = tf.broadcast_dynamic_shape(tf.shape(values), tf.shape(sample_weight))
@@ -69,7 +70,7 @@ def _normaliser(values, sample_weight, mask, reduction, dtype):
     if reduction == "mean_with_sample_weight":
         if mask is not None:
             mask = ops.cast(ops.convert_to_tensor(mask), values.dtype)
-        weights = keras_loss_module.apply_mask(
+        weights = _keras_internals.apply_mask(
             sample_weight, mask, dtype=values.dtype, reduction=reduction
         )
         if weights is None:
@@ -83,7 +84,9 @@ def _normaliser(values, sample_weight, mask, reduction, dtype):
     mask = ops.cast(ops.convert_to_tensor(mask), values.dtype)
     valid = ops.sum(mask)
     total = ops.cast(ops.size(mask), values.dtype)
-    return ops.divide(elements * valid, total)
+    return ops.divide(
+        elements * _keras_internals.masked_valid_count(valid), total
+    )
 
 
 def _recording_reduce_weighted_values(
@@ -102,7 +105,7 @@ def _recording_reduce_weighted_values(
     )
     recorder = getattr(_state, "recorder", None)
     if recorder is not None:
-        reduction = keras_loss_module.standardize_reduction(reduction)
+        reduction = _keras_internals.standardize_reduction(reduction)
         if reduction not in (None, "none"):
             normaliser = _normaliser(
                 values, sample_weight, mask, reduction, dtype
@@ -113,14 +116,16 @@ def _recording_reduce_weighted_values(
 
 def _install():
     global _original_reduce_weighted_values
-    current = keras_loss_module.reduce_weighted_values
+    current = _keras_internals.reduce_weighted_values()
     if getattr(current, "_keras_accum_hook", False):
         _original_reduce_weighted_values = current._keras_accum_original
         return
     _original_reduce_weighted_values = current
     _recording_reduce_weighted_values._keras_accum_hook = True
     _recording_reduce_weighted_values._keras_accum_original = current
-    keras_loss_module.reduce_weighted_values = _recording_reduce_weighted_values
+    _keras_internals.set_reduce_weighted_values(
+        _recording_reduce_weighted_values
+    )
 
 
 _original_reduce_weighted_values = None

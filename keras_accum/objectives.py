@@ -12,8 +12,8 @@ float16 range, as in plain Keras training.
 import dataclasses
 
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
 
+from keras_accum import _keras_internals
 from keras_accum.loss_normalisers import SUM
 
 AUTO = "auto"
@@ -22,7 +22,7 @@ PER_LOSS = "per_loss"
 LOSS_NORMALISATIONS = (AUTO, SHARED, PER_LOSS)
 
 
-def loss_terms(loss_normalisation, compile_loss):
+def loss_terms(loss_normalisation, compiled_losses):
     """Number of separately normalised loss terms (accumulator sets).
 
     `"shared"` keeps one. `"per_loss"` keeps one per compiled loss term, and
@@ -31,17 +31,17 @@ def loss_terms(loss_normalisation, compile_loss):
 
     Args:
         loss_normalisation: The model's `loss_normalisation`.
-        compile_loss: The model's compiled loss (`model._compile_loss`), or
-            `None` when compiled without one.
+        compiled_losses: The compiled loss terms, or `None` while the
+            compiled loss is not built.
 
     Returns:
         An int >= 1, or `None` while the compiled loss is not built yet.
     """
-    if loss_normalisation == SHARED or compile_loss is None:
+    if loss_normalisation == SHARED:
         return 1
-    if not compile_loss.built:
+    if compiled_losses is None:
         return None
-    return max(1, len(compile_loss._flat_losses))
+    return max(1, len(compiled_losses))
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ class MicroBatchContribution:
 
 
 def _regularisation_loss(model, dtype):
-    losses = model._get_regularization_losses()
+    losses = _keras_internals.regularization_losses(model)
     if not losses:
         return None
     return tf.add_n([tf.cast(value, dtype) for value in losses])
@@ -87,7 +87,7 @@ def _summed(model, loss, first_in_window):
     if regularisation is None:
         return loss
     later = 1.0 - tf.cast(first_in_window, loss.dtype)
-    return loss - later * keras_loss_module.scale_loss_for_distribution(
+    return loss - later * _keras_internals.scale_loss_for_distribution(
         regularisation
     )
 
@@ -139,7 +139,7 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
     sample weights. Losses outside the compiled ones (regularisation,
     `add_loss`) go with the first term.
     """
-    flat_losses = model._compile_loss._flat_losses
+    flat_losses = _keras_internals.compiled_losses(model)
     if len(terms) != len(flat_losses):
         raise ValueError(
             "Exact accumulation of several loss terms normalises each "

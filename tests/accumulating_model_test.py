@@ -81,6 +81,7 @@ def _assert_exact_and_naive_is_not(optimizer, accumulate, **kwargs):
 
 @pytest.mark.usefixtures("float64")
 class TestExactness:
+    @pytest.mark.slice
     @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
     def test_epoch_mode_with_ragged_last_batch(self, optimizer):
         model = _assert_exact_and_naive_is_not(optimizer, "epoch")
@@ -123,6 +124,7 @@ class TestExactness:
             "sgd", accumulate, regularizer=keras.regularizers.L2(0.05)
         )
 
+    @pytest.mark.slice
     def test_subclassed_model(self):
         class Net(AccumulatingModel):
             def __init__(self, **kwargs):
@@ -149,6 +151,7 @@ class TestExactness:
         )
         assert helpers.relative_error(model.get_weights(), expected) <= RTOL
 
+    @pytest.mark.slice
     def test_wrap_shares_weights_and_is_exact(self):
         x, y = helpers.regression_data(N_EXAMPLES)
         base = keras.Model(*helpers.dense_graph())

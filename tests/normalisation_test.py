@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_accum import _keras_internals
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
@@ -103,6 +104,7 @@ def _exact_and_naive_fails(graph, data, accumulate, batch, compile_kwargs,
     return error, naive_error
 
 
+@pytest.mark.slice
 @pytest.mark.usefixtures("float64")
 class TestMaskedSequences:
     @pytest.mark.parametrize("accumulate", ["epoch", 3])
@@ -250,6 +252,42 @@ class TestMultiOutput:
         assert error > 1e3 * RTOL
 
 
+def _activity_regularised_graph():
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(
+        8, activation="tanh",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=1),
+        kernel_regularizer=keras.regularizers.L2(0.05),
+        activity_regularizer=keras.regularizers.L1(0.01),
+    )(inputs)
+    outputs = keras.layers.Dense(
+        1, kernel_initializer=keras.initializers.GlorotUniform(seed=2)
+    )(hidden)
+    return inputs, outputs
+
+
+@pytest.mark.slice
+@pytest.mark.skipif(
+    _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN,
+    reason="Keras >= 3.14 averages activity regularisation over the batch",
+)
+def test_activity_regulariser_refused_where_keras_sums_it():
+    """Catches a silently wrong update on Keras < 3.14, where activity
+    regularisation is summed over the batch (measured 70% off)."""
+    x, y = helpers.regression_data(64)
+    model = FunctionalAccumulatingModel(
+        *_activity_regularised_graph(), accumulate="epoch"
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="activity-regularisation"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
+@pytest.mark.slice
+@pytest.mark.skipif(
+    not _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN,
+    reason="Keras < 3.14 sums activity regularisation (refused, see above)",
+)
 @pytest.mark.usefixtures("float64")
 def test_activity_and_weight_regularisers_count_once():
     def graph():

@@ -297,6 +297,7 @@ def _schedule_reference(x, y, schedule_of_epoch, epochs, make_optimizer):
 
 
 @pytest.mark.usefixtures("float64")
+@pytest.mark.slice
 class TestAccumulationSchedules:
     def test_dict_schedule_grows_the_window(self):
         x, y = helpers.regression_data(N)

@@ -10,6 +10,8 @@ from keras_accum import AccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
+pytestmark = pytest.mark.slice
+
 
 def _fit(model, x, y, epochs, initial_epoch=0):
     model.fit(x, y, batch_size=64, epochs=epochs, initial_epoch=initial_epoch,

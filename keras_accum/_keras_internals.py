@@ -1,0 +1,383 @@
+"""Every private Keras API keras_accum relies on, in one guarded place.
+
+keras_accum hooks into Keras below its public API: the reduction every
+`Loss` goes through, the compiled-loss container, the functional graph. These
+are not stable across Keras releases, so each one is reached only through a
+wrapper here. Each wrapper's docstring names the Keras versions it was
+checked on (the compatibility matrix in the README, produced by
+`scripts/version_matrix.py`), and `tests/keras_internals_test.py` fails if a
+Keras release changes one.
+
+On a Keras that lacks a touchpoint, the wrapper raises
+`KerasInternalsError`, naming the installed Keras version and the missing
+piece, instead of a deep traceback or a silently wrong answer. Module-level
+touchpoints are resolved when `keras_accum` is imported; attribute-level ones
+(on a model) when they are first used.
+
+Where the installed Keras' *semantics* differ between supported versions
+(activity regularisation, the masked-loss divisor), the branch is taken here
+too, so the rest of the library reads one answer.
+"""
+
+import inspect
+
+import keras
+
+from keras_accum.version import __version__
+
+# The range proven by the version matrix (README, "Compatibility"); "Keras
+# 3.10.0 to 3.15.1" in a docstring below means each of these releases.
+CHECKED_KERAS = "3.10.0, 3.11.3, 3.12.4, 3.13.2, 3.14.1 and 3.15.1"
+
+
+def _parse(version):
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+KERAS_VERSION = _parse(keras.version())
+
+
+class KerasInternalsError(RuntimeError):
+    """The installed Keras lacks a private API keras_accum relies on."""
+
+
+def _missing(piece, checked=CHECKED_KERAS):
+    return KerasInternalsError(
+        f"keras_accum {__version__} relies on `{piece}`, a private Keras API "
+        f"that the installed Keras {keras.version()} does not have (checked "
+        f"on Keras {checked}). Install a Keras version from the supported "
+        "range (README, 'Compatibility'), e.g. `pip install 'keras>=3.10'`. "
+        f"Received: keras.__version__={keras.version()!r}"
+    )
+
+
+def _require(module, name, piece):
+    value = getattr(module, name, None)
+    if value is None:
+        raise _missing(piece)
+    return value
+
+
+def _require_parameters(function, names, piece):
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        raise _missing(piece) from None
+    if not set(names) <= set(parameters):
+        raise _missing(f"{piece}({', '.join(names)})")
+
+
+try:
+    from keras.src.losses import loss as _loss_module
+    from keras.src.models import functional as _functional_module
+    from keras.src.models import model as _model_module
+except ImportError as error:  # pragma: no cover - only on a foreign Keras
+    raise _missing(f"keras.src ({error.name})") from None
+
+# --- keras.src.losses.loss -------------------------------------------------
+
+#: The module whose `reduce_weighted_values` `loss_normalisers` hooks.
+#: Checked on Keras 3.10.0 to 3.15.1: `Loss.__call__` calls the module-level
+#: `reduce_weighted_values(values, sample_weight, mask, reduction, dtype)`
+#: through the module global, so replacing the attribute is seen by every
+#: loss.
+loss_module = _loss_module
+_require(_loss_module, "reduce_weighted_values",
+         "keras.src.losses.loss.reduce_weighted_values")
+_require_parameters(
+    _loss_module.reduce_weighted_values,
+    ("values", "sample_weight", "mask", "reduction", "dtype"),
+    "keras.src.losses.loss.reduce_weighted_values",
+)
+
+#: `apply_mask(sample_weight, mask, dtype, reduction)`: folds a prediction
+#: mask into the sample weights. Checked on Keras 3.10.0 to 3.15.1 (its
+#: divisor changed in 3.13, see `masked_valid_count`).
+apply_mask = _require(
+    _loss_module, "apply_mask", "keras.src.losses.loss.apply_mask"
+)
+squeeze_or_expand_to_same_rank = _require(
+    _loss_module, "squeeze_or_expand_to_same_rank",
+    "keras.src.losses.loss.squeeze_or_expand_to_same_rank",
+)
+standardize_reduction = _require(
+    _loss_module, "standardize_reduction",
+    "keras.src.losses.loss.standardize_reduction",
+)
+_scale_loss = _require(
+    _loss_module, "scale_loss_for_distribution",
+    "keras.src.losses.loss.scale_loss_for_distribution (Keras >= 3.8)",
+)
+_unscale_loss = _require(
+    _loss_module, "unscale_loss_for_distribution",
+    "keras.src.losses.loss.unscale_loss_for_distribution (Keras >= 3.8)",
+)
+
+
+def reduce_weighted_values():
+    """The current `keras.src.losses.loss.reduce_weighted_values`.
+
+    Checked on Keras 3.10.0 to 3.15.1. Returns the module attribute as it is
+    now (possibly keras_accum's own recording hook).
+    """
+    return _loss_module.reduce_weighted_values
+
+
+def set_reduce_weighted_values(function):
+    """Replaces `keras.src.losses.loss.reduce_weighted_values`.
+
+    Checked on Keras 3.10.0 to 3.15.1: `Loss.__call__` looks the function up
+    in the module at each call, so the replacement sees every reduction.
+    """
+    _loss_module.reduce_weighted_values = function
+
+
+def scale_loss_for_distribution(value):
+    """Divides `value` by the replica count, as Keras does for a loss.
+
+    `keras.src.losses.loss.scale_loss_for_distribution`, from Keras 3.8;
+    checked on Keras 3.10.0 to 3.15.1.
+    """
+    return _scale_loss(value)
+
+
+def unscale_loss_for_distribution(value):
+    """Undoes `scale_loss_for_distribution` (for logging the loss).
+
+    `keras.src.losses.loss.unscale_loss_for_distribution`, from Keras 3.8;
+    checked on Keras 3.10.0 to 3.15.1.
+    """
+    return _unscale_loss(value)
+
+
+#: Keras < 3.13 divides a masked `"sum_over_batch_size"` loss by
+#: `valid + backend.epsilon()` (`apply_mask` weights valid entries
+#: `total / (valid + 1e-7)`); 3.13 onward by `valid` exactly
+#: (`divide_no_nan`). Checked on Keras 3.10.0, 3.12.x and 3.13 to 3.15.1.
+MASK_DIVISOR_HAS_EPSILON = KERAS_VERSION < (3, 13)
+
+
+def masked_valid_count(valid):
+    """The count of valid entries Keras divides a masked mean loss by.
+
+    Args:
+        valid: Scalar tensor, the number of unmasked loss entries.
+
+    Returns:
+        `valid`, plus `keras.backend.epsilon()` on Keras < 3.13, which
+        divides by `valid + epsilon` there.
+    """
+    if MASK_DIVISOR_HAS_EPSILON:
+        return valid + keras.backend.epsilon()
+    return valid
+
+
+# --- Activity regularisation ----------------------------------------------
+
+#: From Keras 3.14, `Layer.__call__` divides an activity-regulariser loss by
+#: the batch size (a mean over examples); before, it is a sum over the
+#: batch. Checked on Keras 3.10.0, 3.13.x (sum) and 3.14, 3.15.1 (mean).
+ACTIVITY_REGULARISATION_IS_BATCH_MEAN = KERAS_VERSION >= (3, 14)
+
+
+def activity_regularised_layers(model):
+    """Layers of `model` (itself included) with an activity regulariser.
+
+    Uses `Layer._flatten_layers`, checked on Keras 3.10.0 to 3.15.1.
+    """
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is None:
+        raise _missing("keras.Layer._flatten_layers")
+    return [
+        layer
+        for layer in flatten(include_self=True)
+        if getattr(layer, "activity_regularizer", None) is not None
+    ]
+
+
+def check_activity_regularisation(model, accumulates, reduction):
+    """Refuses activity regularisers where the accumulated update is wrong.
+
+    Before Keras 3.14 an activity-regulariser loss is summed over the batch,
+    so one big batch of a window carries the *sum* of the micro-batches'
+    penalties, while a micro-batch's loss is averaged over the window with
+    its normaliser as weight: the accumulated penalty would be off by the
+    window's size (measured 70% relative error on the update, 8
+    micro-batches). Keeping that sum apart from the averaged loss needs a
+    second set of gradient accumulators, which keras_accum does not
+    allocate; the model is refused rather than trained wrongly. With
+    `reduction="sum"` every micro-batch's loss is summed over the window,
+    which is what those Keras versions do, so that is accepted.
+
+    Args:
+        model: The `AccumulatingModel` about to be fitted.
+        accumulates: Whether windows span more than one batch.
+        reduction: The model's `reduction`, `"mean"` or `"sum"`.
+
+    Raises:
+        ValueError: on Keras < 3.14, for a model with an activity
+            regulariser that accumulates with `reduction="mean"`.
+    """
+    if ACTIVITY_REGULARISATION_IS_BATCH_MEAN or not accumulates:
+        return
+    if reduction == "sum":
+        return
+    layers = activity_regularised_layers(model)
+    if layers:
+        names = ", ".join(layer.name for layer in layers)
+        raise ValueError(
+            f"Keras {keras.version()} sums activity-regularisation losses "
+            "over the batch (from Keras 3.14 they are averaged), and "
+            "keras_accum cannot weight such a sum exactly across a window "
+            "with reduction=\"mean\". Upgrade to `keras>=3.14`, remove the "
+            "`activity_regularizer`, or use `accumulate=1`. Received: layers "
+            f"with activity_regularizer: {names}"
+        )
+
+
+# --- keras.src.models ------------------------------------------------------
+
+#: `keras.src.models.functional.Functional`, the class of functional models;
+#: checked on Keras 3.10.0 to 3.15.1.
+Functional = _require(
+    _functional_module, "Functional", "keras.src.models.functional.Functional"
+)
+
+_functional_init_arguments = _require(
+    _model_module, "functional_init_arguments",
+    "keras.src.models.model.functional_init_arguments",
+)
+
+
+def functional_init_arguments(args, kwargs):
+    """Whether `Model(*args, **kwargs)` is a functional construction.
+
+    `keras.src.models.model.functional_init_arguments`; checked on Keras
+    3.10.0 to 3.15.1.
+    """
+    return _functional_init_arguments(args, kwargs)
+
+
+def graph_structure(graph):
+    """The nested inputs and outputs a functional model was built from.
+
+    Args:
+        graph: A `Functional` model.
+
+    Returns:
+        `(inputs, outputs)`: `graph._inputs_struct` and
+        `graph._outputs_struct`, with the user's nesting (dicts, lists).
+        Checked on Keras 3.10.0 to 3.15.1.
+    """
+    try:
+        return graph._inputs_struct, graph._outputs_struct
+    except AttributeError:
+        raise _missing("Functional._inputs_struct/_outputs_struct") from None
+
+
+def sequential_graph(model):
+    """The functional graph behind a built `keras.Sequential`, or `None`.
+
+    `Sequential._functional`; checked on Keras 3.10.0 to 3.15.1.
+    """
+    if not hasattr(model, "_functional"):
+        raise _missing("keras.Sequential._functional")
+    return model._functional
+
+
+# --- keras.Model / Trainer --------------------------------------------------
+
+_require_parameters(
+    _require(keras.Model, "_maybe_symbolic_build",
+             "keras.Model._maybe_symbolic_build"),
+    ("iterator", "data_batch"),
+    "keras.Model._maybe_symbolic_build",
+)
+#: `AccumulatingModel` overrides `keras.Model._maybe_symbolic_build(iterator,
+#: data_batch)` (the shape-learning build at the start of `fit`); checked on
+#: Keras 3.10.0 to 3.15.1. Verified at import.
+MAYBE_SYMBOLIC_BUILD = "_maybe_symbolic_build"
+
+_require(keras.Model, "_compute_loss", "keras.Model._compute_loss")
+_require(keras.Model, "_flatten_layers", "keras.Layer._flatten_layers")
+_require(keras.Model, "_get_regularization_losses",
+         "keras.Layer._get_regularization_losses")
+
+
+def compute_loss(model, **kwargs):
+    """`model._compute_loss(x, y, y_pred, sample_weight, training)`.
+
+    The entry point `keras.Model.train_step` uses: it calls the user's
+    `compute_loss` override, with or without the `training` argument.
+    Checked on Keras 3.10.0 to 3.15.1.
+    """
+    return model._compute_loss(**kwargs)
+
+
+def regularization_losses(model):
+    """The weight-regularisation losses of `model`'s trainable weights.
+
+    `Layer._get_regularization_losses()`; checked on Keras 3.10.0 to 3.15.1.
+    """
+    return model._get_regularization_losses()
+
+
+def loss_tracker(model):
+    """The `keras.metrics.Mean` that logs `loss` in `fit`.
+
+    `Trainer._loss_tracker`; checked on Keras 3.10.0 to 3.15.1.
+    """
+    tracker = getattr(model, "_loss_tracker", None)
+    if tracker is None:
+        raise _missing("keras.Model._loss_tracker")
+    return tracker
+
+
+def compiled_losses(model):
+    """The compiled loss terms, one per output loss, in flat order.
+
+    `model._compile_loss._flat_losses` (named `flat_losses` before Keras
+    3.7), each with a `loss_weights` attribute; checked on Keras 3.10.0 to
+    3.15.1.
+
+    Returns:
+        A list, or `None` while the compiled loss is not built yet.
+    """
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None or not compile_loss.built:
+        return None
+    for name in ("_flat_losses", "flat_losses"):
+        flat = getattr(compile_loss, name, None)
+        if flat is not None:
+            return list(flat)
+    raise _missing("CompileLoss._flat_losses")
+
+
+# --- keras.Variable ---------------------------------------------------------
+
+_require_parameters(
+    keras.Variable.__init__, ("synchronization", "aggregation"),
+    "keras.Variable (Keras >= 3.10)",
+)
+
+
+def all_layers(model):
+    """`model` and every layer nested in it.
+
+    `Layer._flatten_layers()`; checked on Keras 3.10.0 to 3.15.1.
+    """
+    return list(model._flatten_layers())
+
+
+#: Private attributes of `keras.Model` that `AccumulatingModel` reads (and,
+#: for `_jit_compile`, sets around its own traced functions); checked on
+#: Keras 3.10.0 to 3.15.1, and by `tests/keras_internals_test.py`.
+MODEL_ATTRIBUTES = (
+    "_call_has_training_arg",
+    "_distribute_strategy",
+    "_jit_compile",
+)
