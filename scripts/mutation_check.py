@@ -90,13 +90,63 @@ T_EXACT = "tests/accumulating_model_test.py::TestExactness"
 T_NUMERICS = "tests/numerics_test.py"
 T_NONFINITE = "tests/numerics_test.py::TestNonFiniteGradients"
 
+T_WORKFLOW = "tests/workflows_test.py::test_workflow"
+
 MUTANTS = (
+    # Issue 13: drop-in for Keras workflows.
+    Mutant(
+        "accumulators-not-rebuilt",
+        "keras_accum/accumulating_model.py",
+        "        if accumulator.matches(trainable_variables, terms):\n",
+        "        if accumulator.built:\n",
+        (
+            "tests/accumulating_model_test.py::TestTrainableSetChanges::"
+            "test_accumulators_pair_with_the_current_trainable_weights",
+            f"{T_WORKFLOW}[fine-tuning-equal-shapes]",
+        ),
+    ),
+    Mutant(
+        "zero-gradient-for-weights-without-one",
+        "keras_accum/accumulating_model.py",
+        "        exists = plan.gradient_exists or (True,) * len(gradients)\n",
+        "        exists = (True,) * len(gradients)\n",
+        (f"{T_WORKFLOW}[head-without-loss-adamw]",),
+    ),
+    Mutant(
+        "schedule-window-of-epoch-0-on-first-trace",
+        "keras_accum/accumulating_model.py",
+        "                self._schedule.window_size(0)\n"
+        "                if self._epoch_window is None\n"
+        "                else self._epoch_window\n",
+        "                self._schedule.window_size(0)\n",
+        (f"{T_WORKFLOW}[schedule-dict-subclass-initial-epoch-1]",),
+    ),
+    Mutant(
+        "custom-train-step-unchecked",
+        "keras_accum/accumulating_model.py",
+        "            cls.train_step = custom_steps.checked_train_step(step)\n",
+        "            pass\n",
+        (
+            "tests/custom_steps_test.py::"
+            "test_step_that_applies_its_own_update_is_refused",
+        ),
+    ),
+    Mutant(
+        "several-loss-terms-share-a-normaliser",
+        "keras_accum/objectives.py",
+        "    return max(1, len(compiled_losses))\n",
+        "    return 1\n",
+        (
+            "tests/normalisation_test.py::TestMultiOutput::"
+            "test_sum_next_to_mean_is_exact_by_default",
+        ),
+    ),
     # The 16 mutants of issue 17.
     Mutant(
         "equal-weighting",
         "keras_accum/objectives.py",
         "        [loss],\n"
-        "        [_scale(normaliser, replicas)],\n"
+        "        [replica_scale(normaliser, replicas)],\n"
         "        tf.reshape(normaliser, (1,)),",
         "        [loss],\n"
         "        [tf.cast(replicas, dtype)],\n"
@@ -133,13 +183,13 @@ MUTANTS = (
     Mutant(
         "iterations-per-micro-step",
         "keras_accum/accumulating_model.py",
-        "            self._accumulator.add(term_gradients, "
+        "        self._accumulator.add(term_gradients, "
         "contribution.normalisers)\n"
-        "            self._accumulator.count_micro_batch()\n",
-        "            self._accumulator.add(term_gradients, "
+        "        self._accumulator.count_micro_batch()\n",
+        "        self._accumulator.add(term_gradients, "
         "contribution.normalisers)\n"
-        "            self._accumulator.count_micro_batch()\n"
-        "            self.optimizer.iterations.assign_add(1)\n",
+        "        self._accumulator.count_micro_batch()\n"
+        "        self.optimizer.iterations.assign_add(1)\n",
         (
             f"{T_NUMERICS}::"
             "test_sgd_learning_rate_schedule_is_keyed_on_updates",
@@ -148,9 +198,9 @@ MUTANTS = (
     Mutant(
         "no-reset-after-update",
         "keras_accum/accumulating_model.py",
-        "        optimizer.apply(gradients, self.trainable_variables)\n"
+        "        optimizer.apply(gradients, accumulator.variables)\n"
         "        accumulator.reset()\n",
-        "        optimizer.apply(gradients, self.trainable_variables)\n",
+        "        optimizer.apply(gradients, accumulator.variables)\n",
         (f"{T_EXACT}::test_every_n_with_leftover_flush[4-sgd]",),
     ),
     Mutant(
@@ -233,11 +283,9 @@ MUTANTS = (
     Mutant(
         "wrap-copies-weights",
         "keras_accum/accumulating_model.py",
-        "    return FunctionalAccumulatingModel(\n"
-        "        graph._inputs_struct,",
+        "    inputs, outputs = _keras_internals.graph_structure(graph)",
         "    graph = keras.models.clone_model(graph)\n"
-        "    return FunctionalAccumulatingModel(\n"
-        "        graph._inputs_struct,",
+        "    inputs, outputs = _keras_internals.graph_structure(graph)",
         (f"{T_EXACT}::test_wrap_shares_weights_and_is_exact",),
     ),
     Mutant(
