@@ -383,14 +383,11 @@ class AccumulatingModel(keras.Model):
             )
             logged_loss = keras_loss_module.unscale_loss_for_distribution(loss)
             logging_weight = contribution.logging_weight
-            if self._on_nonfinite == "skip":
-                # A skipped micro-batch is left out of the logged loss too.
-                finite_loss = tf.math.is_finite(logged_loss)
-                logged_loss = tf.where(finite_loss, logged_loss, 0.0)
-                logging_weight = tf.where(finite_loss, logging_weight, 0.0)
-            self._loss_tracker.update_state(
-                logged_loss, sample_weight=logging_weight
-            )
+            skip = self._on_nonfinite == "skip"
+            if not skip:
+                self._loss_tracker.update_state(
+                    logged_loss, sample_weight=logging_weight
+                )
             dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
             if dynamic_scaling:
                 # The normaliser multiplies the gradient, not the loss, so
@@ -418,10 +415,18 @@ class AccumulatingModel(keras.Model):
         ]
         del tape
         self._window_divides = contribution.divides
-        if dynamic_scaling or self._on_nonfinite == "skip":
-            self._accumulate_if_finite(
-                term_gradients, gradient_scales, contribution.normalisers
+        if dynamic_scaling or skip:
+            kept = self._accumulate_if_finite(
+                term_gradients, gradient_scales, contribution.normalisers,
+                tf.math.is_finite(logged_loss),
             )
+            if skip:
+                # A skipped micro-batch is left out of the logged loss too,
+                # on every replica.
+                self._loss_tracker.update_state(
+                    tf.where(kept, logged_loss, 0.0),
+                    sample_weight=tf.where(kept, logging_weight, 0.0),
+                )
         else:
             # The lean step: one `assign_add` per weight. A non-finite
             # gradient reaches the sums, and the window is checked (once)
@@ -448,7 +453,8 @@ class AccumulatingModel(keras.Model):
         window = accumulator.window.value
         return tf.logical_and(window > 0, accumulator.mini_step.value >= window)
 
-    def _accumulate_if_finite(self, term_gradients, scales, normalisers):
+    def _accumulate_if_finite(self, term_gradients, scales, normalisers,
+                              loss_is_finite):
         """Adds the micro-batch, unless one of its gradients is not finite.
 
         The per-micro-batch check, used under dynamic loss scaling and with
@@ -461,21 +467,31 @@ class AccumulatingModel(keras.Model):
         scale, as `LossScaleOptimizer` does for a step; otherwise it is
         counted in `skipped`.
 
+        Under a strategy the micro-batch is the global one: it is skipped on
+        every replica when any replica's shard is not finite (one scalar
+        all-reduce, on this path only), as on one device.
+
         Args:
             term_gradients: One list of gradients per loss term.
             scales: One scalar per loss term to multiply its gradients by,
                 or `None` when the loss was already weighted.
             normalisers: Vector of each term's normaliser for this batch.
+            loss_is_finite: Scalar bool, whether this shard's loss is.
+
+        Returns:
+            Scalar bool: whether the micro-batch was added.
         """
         flat = [
             g.values if isinstance(g, tf.IndexedSlices) else g
             for gradients in term_gradients
             for g in gradients
             if g is not None
-        ]
+        ] + [normalisers]
         # A sum is finite iff every element is (barring overflow of the sum).
         total = tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in flat])
-        finite = tf.math.is_finite(total)
+        finite = _on_every_replica(
+            tf.logical_and(tf.math.is_finite(total), loss_is_finite)
+        )
         keep = tf.cast(finite, normalisers.dtype)
         loss_scale_value = getattr(self.optimizer, "dynamic_scale", None)
         if scales is None:
@@ -511,7 +527,7 @@ class AccumulatingModel(keras.Model):
                     term_gradients, [factor(scale) for scale in scales]
                 )
             ],
-            normalisers * keep,
+            tf.math.multiply_no_nan(normalisers, keep),
         )
         # A skipped micro-batch still takes its place in the window, so
         # windows keep their positions in the epoch.
@@ -524,6 +540,7 @@ class AccumulatingModel(keras.Model):
             accumulator.skipped.value.assign_add(
                 1 - tf.cast(finite, tf.int64), read_value=False
             )
+        return finite
 
     def _apply_window_when(self, condition, divides):
         """Applies the window if `condition()` holds (call in replica context).
@@ -571,8 +588,8 @@ class AccumulatingModel(keras.Model):
 
         One scalar reduction besides the optimizer's all-reduce of the
         gradients: each replica's normaliser sums, with a flag saying
-        whether its gradient sums are finite, so every replica takes the
-        same decision.
+        whether its gradient sums and normalisers are all finite, so every
+        replica takes the same decision.
 
         Returns:
             A vector: each term's global normaliser, then the number of
@@ -581,8 +598,15 @@ class AccumulatingModel(keras.Model):
 
         def local_totals():
             accumulator = self._accumulator
-            nonfinite = tf.logical_not(accumulator.local_sums_are_finite())
             normalisers = tf.convert_to_tensor(accumulator.normalisers.value)
+            # Everything that enters the update: the gradient sums and the
+            # normalisers they are divided by.
+            nonfinite = tf.logical_not(
+                tf.logical_and(
+                    accumulator.local_sums_are_finite(),
+                    tf.reduce_all(tf.math.is_finite(normalisers)),
+                )
+            )
             return tf.concat(
                 [normalisers, tf.cast(nonfinite, normalisers.dtype)[None]],
                 axis=0,
@@ -686,6 +710,22 @@ class AccumulatingModel(keras.Model):
                     f"`{method}()` needs a model that has trained: call "
                     "`fit()` or `train_on_batch()` first."
                 )
+
+
+def _on_every_replica(finite):
+    """Whether `finite` holds on every replica (replica context).
+
+    One scalar all-reduce under a strategy with several replicas; none on
+    one device.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return finite
+    failures = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.cast(tf.logical_not(finite), tf.float32),
+    )
+    return tf.equal(failures, 0.0)
 
 
 def _run_in_replicas(strategy, function, *args):

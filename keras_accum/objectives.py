@@ -50,10 +50,16 @@ def _regularisation_loss(model, dtype):
     return tf.add_n([tf.cast(value, dtype) for value in losses])
 
 
-def _scale(normaliser, replicas):
-    # Keras divides each replica's mean loss by the replica count; undo it
-    # so the weighted replica gradients add up to the window's sum.
-    return tf.stop_gradient(normaliser) * tf.cast(replicas, normaliser.dtype)
+def _scale(normaliser):
+    # Keras multiplies each replica's mean loss by `cast(1 / replicas)`
+    # (`scale_loss_for_distribution`), which is float32(1 / 3) = (1 + 3e-8)
+    # / 3 on 3 replicas even in float64. Divide out exactly the factor it
+    # applied, not the replica count, so the weighted replica gradients add
+    # up to the window's sum for any replica count.
+    applied = keras_loss_module.scale_loss_for_distribution(
+        tf.ones((), normaliser.dtype)
+    )
+    return tf.stop_gradient(normaliser) / applied
 
 
 def _summed(model, loss, first_in_window):
@@ -82,7 +88,6 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
             [loss], [one], tf.zeros((1,), dtype), (False,),
             tf.cast(batch_size, dtype),
         )
-    replicas = model.distribute_strategy.num_replicas_in_sync
     normalisers = [t.normaliser for t in terms if t.normaliser is not None]
     if normalisers:
         normaliser = tf.cast(normalisers[0], dtype)
@@ -100,7 +105,7 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
         normaliser = tf.cast(batch_size, dtype)
     return MicroBatchContribution(
         [loss],
-        [_scale(normaliser, replicas)],
+        [_scale(normaliser)],
         tf.reshape(normaliser, (1,)),
         (True,),
         normaliser,
@@ -123,7 +128,6 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             'Use `loss_normalisation="shared"` with a custom `compute_loss`.'
         )
     dtype = loss.dtype
-    replicas = model.distribute_strategy.num_replicas_in_sync
     objectives, scales, normalisers, divides = [], [], [], []
     compiled_total = tf.zeros((), dtype)
     for term, flat in zip(terms, flat_losses):
@@ -137,7 +141,7 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             divides.append(False)
         else:
             normaliser = tf.cast(term.normaliser, dtype)
-            scales.append(_scale(normaliser, replicas))
+            scales.append(_scale(normaliser))
             normalisers.append(normaliser)
             divides.append(True)
     rest = loss - compiled_total
