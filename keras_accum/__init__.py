@@ -4,11 +4,13 @@ from keras_accum import loss_normalisers as _loss_normalisers  # noqa: F401
 from keras_accum.accumulating_model import AccumulatingModel
 from keras_accum.accumulating_model import wrap
 from keras_accum.flush_callback import ApplyAccumulatedGradients
+from keras_accum.update_tensorboard import UpdateTensorBoard
 from keras_accum.version import __version__
 
 __all__ = [
     "AccumulatingModel",
     "ApplyAccumulatedGradients",
+    "UpdateTensorBoard",
     "wrap",
     "__version__",
 ]

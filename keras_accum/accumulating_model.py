@@ -478,14 +478,11 @@ class AccumulatingModel(keras.Model):
             )
             logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
             logging_weight = contribution.logging_weight
-            if self._on_nonfinite == "skip":
-                # A skipped micro-batch is left out of the logged loss too.
-                finite_loss = tf.math.is_finite(logged_loss)
-                logged_loss = tf.where(finite_loss, logged_loss, 0.0)
-                logging_weight = tf.where(finite_loss, logging_weight, 0.0)
-            _keras_internals.loss_tracker(self).update_state(
-                logged_loss, sample_weight=logging_weight
-            )
+            skip = self._on_nonfinite == "skip"
+            if not skip:
+                _keras_internals.loss_tracker(self).update_state(
+                    logged_loss, sample_weight=logging_weight
+                )
             dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
             if dynamic_scaling:
                 # The normaliser multiplies the gradient, not the loss, so
@@ -512,15 +509,26 @@ class AccumulatingModel(keras.Model):
             for objective in scaled
         ]
         del tape
-        self._accumulate(
-            term_gradients, contribution, weighted=gradient_scales is None
+        kept = self._accumulate(
+            term_gradients,
+            contribution,
+            weighted=gradient_scales is None,
+            loss_is_finite=tf.math.is_finite(logged_loss),
         )
+        if skip:
+            # A skipped micro-batch is left out of the logged loss too, on
+            # every replica.
+            _keras_internals.loss_tracker(self).update_state(
+                tf.where(kept, logged_loss, 0.0),
+                sample_weight=tf.where(kept, logging_weight, 0.0),
+            )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if distribute_utils.is_multi_worker(self.distribute_strategy):
             logs = distribute_utils.rank_one_logs(logs)
         return logs
 
-    def _accumulate(self, term_gradients, contribution, weighted):
+    def _accumulate(self, term_gradients, contribution, weighted,
+                    loss_is_finite=True):
         """Adds one micro-batch's gradients to the window.
 
         Args:
@@ -529,6 +537,13 @@ class AccumulatingModel(keras.Model):
             contribution: The micro-batch's `MicroBatchContribution`.
             weighted: Whether the gradients already carry the
                 contribution's `gradient_scales` (the loss was weighted).
+            loss_is_finite: Scalar bool, whether the micro-batch's loss is
+                finite (checked with its gradients on the per-micro-batch
+                path).
+
+        Returns:
+            Scalar bool, whether the micro-batch was added (always true on
+            the lean path, where the window is checked instead).
         """
         self._window_plan = WindowPlan(
             contribution.divides, gradient_exists(term_gradients)
@@ -538,10 +553,10 @@ class AccumulatingModel(keras.Model):
             loss_scale.is_dynamic(self.optimizer)
             or self._on_nonfinite == "skip"
         ):
-            self._accumulate_if_finite(
-                term_gradients, scales, contribution.normalisers
+            return self._accumulate_if_finite(
+                term_gradients, scales, contribution.normalisers,
+                tf.convert_to_tensor(loss_is_finite),
             )
-            return
         if scales is not None:
             term_gradients = [
                 [_scale_gradient(g, scale, tf.multiply) for g in gradients]
@@ -551,6 +566,7 @@ class AccumulatingModel(keras.Model):
         # the sums, and the window is checked (once) before it is applied.
         self._accumulator.add(term_gradients, contribution.normalisers)
         self._accumulator.count_micro_batch()
+        return tf.constant(True)
 
     def _micro_batch_contribution(self, terms, loss, batch_size, first_in_window):
         """What this micro-batch adds to the window (see `objectives`)."""
@@ -567,7 +583,8 @@ class AccumulatingModel(keras.Model):
         window = accumulator.window.value
         return tf.logical_and(window > 0, accumulator.mini_step.value >= window)
 
-    def _accumulate_if_finite(self, term_gradients, scales, normalisers):
+    def _accumulate_if_finite(self, term_gradients, scales, normalisers,
+                              loss_is_finite):
         """Adds the micro-batch, unless one of its gradients is not finite.
 
         The per-micro-batch check, used under dynamic loss scaling and with
@@ -580,21 +597,31 @@ class AccumulatingModel(keras.Model):
         scale, as `LossScaleOptimizer` does for a step; otherwise it is
         counted in `skipped`.
 
+        Under a strategy the micro-batch is the global one: it is skipped on
+        every replica when any replica's shard is not finite (one scalar
+        all-reduce, on this path only), as on one device.
+
         Args:
             term_gradients: One list of gradients per loss term.
             scales: One scalar per loss term to multiply its gradients by,
                 or `None` when the loss was already weighted.
             normalisers: Vector of each term's normaliser for this batch.
+            loss_is_finite: Scalar bool, whether this shard's loss is.
+
+        Returns:
+            Scalar bool: whether the micro-batch was added.
         """
         flat = [
             g.values if isinstance(g, tf.IndexedSlices) else g
             for gradients in term_gradients
             for g in gradients
             if g is not None
-        ]
+        ] + [normalisers]
         # A sum is finite iff every element is (barring overflow of the sum).
         total = tf.add_n([tf.cast(tf.reduce_sum(g), tf.float32) for g in flat])
-        finite = tf.math.is_finite(total)
+        finite = _on_every_replica(
+            tf.logical_and(tf.math.is_finite(total), loss_is_finite)
+        )
         keep = tf.cast(finite, normalisers.dtype)
         loss_scale_value = getattr(self.optimizer, "dynamic_scale", None)
         if scales is None:
@@ -617,7 +644,7 @@ class AccumulatingModel(keras.Model):
                     term_gradients, [factor(scale) for scale in scales]
                 )
             ],
-            normalisers * keep,
+            tf.math.multiply_no_nan(normalisers, keep),
         )
         # A skipped micro-batch still takes its place in the window, so
         # windows keep their positions in the epoch.
@@ -630,6 +657,7 @@ class AccumulatingModel(keras.Model):
             accumulator.skipped.value.assign_add(
                 1 - tf.cast(finite, tf.int64), read_value=False
             )
+        return finite
 
     def _apply_window_when(self, condition, plan):
         """Applies the window if `condition()` holds (call in replica context).
@@ -681,8 +709,8 @@ class AccumulatingModel(keras.Model):
 
         One scalar reduction besides the optimizer's all-reduce of the
         gradients: each replica's normaliser sums, with a flag saying
-        whether its gradient sums are finite, so every replica takes the
-        same decision.
+        whether its gradient sums and normalisers are all finite, so every
+        replica takes the same decision.
 
         Returns:
             A vector: each term's global normaliser, then the number of
@@ -691,8 +719,15 @@ class AccumulatingModel(keras.Model):
 
         def local_totals():
             accumulator = self._accumulator
-            nonfinite = tf.logical_not(accumulator.local_sums_are_finite())
             normalisers = tf.convert_to_tensor(accumulator.normalisers.value)
+            # Everything that enters the update: the gradient sums and the
+            # normalisers they are divided by.
+            nonfinite = tf.logical_not(
+                tf.logical_and(
+                    accumulator.local_sums_are_finite(),
+                    tf.reduce_all(tf.math.is_finite(normalisers)),
+                )
+            )
             return tf.concat(
                 [normalisers, tf.cast(nonfinite, normalisers.dtype)[None]],
                 axis=0,
@@ -803,9 +838,7 @@ class AccumulatingModel(keras.Model):
         contribution = objectives.MicroBatchContribution(
             objectives=None,
             gradient_scales=[
-                objectives.replica_scale(
-                    normaliser, self.distribute_strategy.num_replicas_in_sync
-                )
+                objectives.replica_scale(normaliser)
             ] + [tf.zeros((), dtype)] * (terms - 1),
             normalisers=tf.concat(
                 [normaliser[None], tf.zeros((terms - 1,), dtype)], axis=0
@@ -913,6 +946,22 @@ def _scale_gradient(gradient, factor, multiply):
             gradient.dense_shape,
         )
     return multiply(gradient, tf.cast(factor, gradient.dtype))
+
+
+def _on_every_replica(finite):
+    """Whether `finite` holds on every replica (replica context).
+
+    One scalar all-reduce under a strategy with several replicas; none on
+    one device.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return finite
+    failures = context.all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.cast(tf.logical_not(finite), tf.float32),
+    )
+    return tf.equal(failures, 0.0)
 
 
 def _run_in_replicas(strategy, function, *args):

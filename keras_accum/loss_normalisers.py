@@ -84,8 +84,16 @@ def _normaliser(values, sample_weight, mask, reduction, dtype):
     mask = ops.cast(ops.convert_to_tensor(mask), values.dtype)
     valid = ops.sum(mask)
     total = ops.cast(ops.size(mask), values.dtype)
-    return ops.divide(
-        elements * _keras_internals.masked_valid_count(valid), total
+    # Usually the loss has one element per mask entry: the divisor is then
+    # the valid count itself (as the installed Keras counts it), with no
+    # round-off. A batch with no element at all (a replica's empty shard of
+    # a ragged last batch) has 0 / 0 here; Keras' loss is 0 there
+    # (`divide_no_nan`), and so is its normaliser.
+    valid = _keras_internals.masked_valid_count(valid)
+    return ops.where(
+        ops.equal(elements, total),
+        valid,
+        ops.divide_no_nan(elements * valid, total),
     )
 
 

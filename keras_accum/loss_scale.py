@@ -21,8 +21,9 @@ def update_dynamic_scale(optimizer, finite):
 
     Mirrors `LossScaleOptimizer`: a finite micro-batch counts towards
     `dynamic_growth_steps`, after which the scale doubles; a non-finite one
-    halves it and restarts the count. Under a strategy the scale follows the
-    first replica (every replica still skips its own non-finite micro-batch).
+    halves it and restarts the count. Under a strategy every replica gets
+    the same `finite` (a micro-batch that overflows on one replica is
+    skipped on all), so the scale stays the same on every replica.
     No-op for other optimizers.
 
     Args:

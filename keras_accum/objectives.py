@@ -73,12 +73,20 @@ def _regularisation_loss(model, dtype):
     return tf.add_n([tf.cast(value, dtype) for value in losses])
 
 
-def replica_scale(normaliser, replicas):
+def replica_scale(normaliser):
     """The factor of a replica's mean-loss gradient: its normaliser, with
-    Keras' division by the replica count undone."""
-    # Keras divides each replica's mean loss by the replica count; undo it
-    # so the weighted replica gradients add up to the window's sum.
-    return tf.stop_gradient(normaliser) * tf.cast(replicas, normaliser.dtype)
+    Keras' distribution scaling divided out exactly.
+
+    Keras multiplies each replica's mean loss by `cast(1 / replicas)`
+    (`scale_loss_for_distribution`), which is float32(1 / 3) = (1 + 3e-8) / 3
+    on 3 replicas even in float64. Dividing out exactly the factor it
+    applied, not multiplying by the replica count, makes the weighted
+    replica gradients add up to the window's sum for any replica count.
+    """
+    applied = _keras_internals.scale_loss_for_distribution(
+        tf.ones((), normaliser.dtype)
+    )
+    return tf.stop_gradient(normaliser) / applied
 
 
 def _summed(model, loss, first_in_window):
@@ -107,7 +115,6 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
             [loss], [one], tf.zeros((1,), dtype), (False,),
             tf.cast(batch_size, dtype),
         )
-    replicas = model.distribute_strategy.num_replicas_in_sync
     normalisers = [t.normaliser for t in terms if t.normaliser is not None]
     if normalisers:
         normaliser = tf.cast(normalisers[0], dtype)
@@ -125,7 +132,7 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
         normaliser = tf.cast(batch_size, dtype)
     return MicroBatchContribution(
         [loss],
-        [replica_scale(normaliser, replicas)],
+        [replica_scale(normaliser)],
         tf.reshape(normaliser, (1,)),
         (True,),
         normaliser,
@@ -154,7 +161,6 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             f"loss_normalisation={model.loss_normalisation!r}"
         )
     dtype = loss.dtype
-    replicas = model.distribute_strategy.num_replicas_in_sync
     objectives, scales, normalisers, divides = [], [], [], []
     compiled_total = tf.zeros((), dtype)
     for term, flat in zip(terms, flat_losses):
@@ -168,7 +174,7 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             divides.append(False)
         else:
             normaliser = tf.cast(term.normaliser, dtype)
-            scales.append(replica_scale(normaliser, replicas))
+            scales.append(replica_scale(normaliser))
             normalisers.append(normaliser)
             divides.append(True)
     rest = loss - compiled_total

@@ -21,21 +21,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_accum import AccumulatingModel  # noqa: E402
 from tests import helpers  # noqa: E402
-from tests.distribution_cases import GLOBAL_BATCH  # noqa: E402
-from tests.distribution_cases import training_data  # noqa: E402
+from tests import distribution_cases as cases  # noqa: E402
 
 
-def main(output_path, accumulate):
+def main(output_path, accumulate, model_name="dense"):
     keras.backend.set_floatx("float64")
-    x, y, sample_weight = training_data()
-    dataset = tf.data.Dataset.from_tensor_slices((x, y, sample_weight)).batch(
-        GLOBAL_BATCH
-    )
-    with strategy.scope():
-        model = AccumulatingModel(
-            *helpers.dense_graph(), accumulate=accumulate
+    if model_name == "embedding":
+        # `Embedding` + pooling: a sparse gradient, a last global batch of
+        # one example (the second worker's shard is empty). SGD, as in
+        # `distributed_dropin_test`.
+        tokens, _, scores, _ = cases.token_data()
+        dataset = tf.data.Dataset.from_tensor_slices((tokens, scores)).batch(
+            cases.DROPIN_BATCH
         )
-        model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+        graph = cases.embedding_pool_graph
+        make_optimizer = lambda: keras.optimizers.SGD(  # noqa: E731
+            learning_rate=0.1, momentum=0.9
+        )
+    else:
+        x, y, sample_weight = cases.training_data()
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (x, y, sample_weight)
+        ).batch(cases.GLOBAL_BATCH)
+        graph = helpers.dense_graph
+        make_optimizer = lambda: helpers.make_optimizer("adam")  # noqa: E731
+    with strategy.scope():
+        model = AccumulatingModel(*graph(), accumulate=accumulate)
+        # The optimizer's variables belong to the strategy: create it here.
+        model.compile(optimizer=make_optimizer(), loss="mse")
     model.fit(dataset, epochs=2, verbose=0)
     np.savez(output_path, *model.get_weights(),
              iterations=model.optimizer.iterations.numpy())
@@ -43,4 +56,5 @@ def main(output_path, accumulate):
 
 if __name__ == "__main__":
     window = sys.argv[2]
-    main(sys.argv[1], window if window == "epoch" else int(window))
+    main(sys.argv[1], window if window == "epoch" else int(window),
+         *sys.argv[3:])
