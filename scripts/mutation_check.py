@@ -26,26 +26,6 @@ Usage, from the repository root:
 
 A test that fails without any mutant would count as catching every bug:
 run `--baseline` once after changing the list.
-
-TODO (lead): mutants for bugs whose fixes are being merged (issues 13 and
-16). In the code this script was written against, these bugs are present,
-so there is no fixing code yet to mutate; add one mutant per fix that
-reintroduces the bug, with the test that the fix added:
-
-- issue 13.1: accumulators keyed by position / not rebuilt when the
-  trainable set changes (`_build_accumulation_state` returning early once
-  built) -> the fine-tuning freeze/unfreeze/recompile test.
-- issue 13.2: zero accumulated gradients passed for variables without a
-  gradient (heads without loss, weight decay) -> the `loss={"b": None}` +
-  `AdamW` test.
-- issue 13.3: schedule window not set for the first epoch of a subclassed
-  model (window variable left at 0 after the first trace) -> the
-  subclassed `accumulate={0: 2, 1: 4}` test.
-- issue 16.2: NaN normaliser for a replica without examples (masked loss,
-  `elements * valid / total` = 0 * 0 / 0) reaching the update -> the
-  empty-replica masked-loss test.
-- issue 16.3: the float32(1/n) replica scaling not cancelled exactly on 3
-  replicas -> the 3-replica float64 exactness test.
 """
 
 import argparse
@@ -91,8 +71,42 @@ T_NUMERICS = "tests/numerics_test.py"
 T_NONFINITE = "tests/numerics_test.py::TestNonFiniteGradients"
 
 T_WORKFLOW = "tests/workflows_test.py::test_workflow"
+T_DROPIN = "tests/distributed_dropin_test.py"
 
 MUTANTS = (
+    # Issue 16: distributed drop-in.
+    Mutant(
+        "empty-masked-shard-nan-normaliser",
+        "keras_accum/loss_normalisers.py",
+        "        ops.divide_no_nan(elements * valid, total),\n",
+        "        ops.divide(elements * valid, total),\n",
+        (
+            f"{T_DROPIN}::TestEmptyReplicaShards::"
+            "test_normaliser_of_an_empty_masked_batch_is_zero",
+        ),
+    ),
+    Mutant(
+        "replica-count-not-cancelled-exactly",
+        "keras_accum/objectives.py",
+        "    return tf.stop_gradient(normaliser) / applied\n",
+        "    return tf.stop_gradient(normaliser) * tf.cast(\n"
+        "        tf.distribute.get_strategy().num_replicas_in_sync,\n"
+        "        normaliser.dtype,\n"
+        "    )\n",
+        (
+            f"{T_DROPIN}::TestAnyReplicaCount::"
+            "test_mlp_on_three_replicas_matches_big_batch",
+        ),
+    ),
+    Mutant(
+        "skip-per-replica-shard",
+        "keras_accum/accumulating_model.py",
+        "    if context is None or context.num_replicas_in_sync == 1:\n"
+        "        return finite\n",
+        "    if True:\n"
+        "        return finite\n",
+        (f"{T_DROPIN}::TestSkipUnderStrategy::test_skips_the_global_micro_batch",),
+    ),
     # Issue 13: drop-in for Keras workflows.
     Mutant(
         "accumulators-not-rebuilt",
@@ -146,7 +160,7 @@ MUTANTS = (
         "equal-weighting",
         "keras_accum/objectives.py",
         "        [loss],\n"
-        "        [replica_scale(normaliser, replicas)],\n"
+        "        [replica_scale(normaliser)],\n"
         "        tf.reshape(normaliser, (1,)),",
         "        [loss],\n"
         "        [tf.cast(replicas, dtype)],\n"
@@ -216,9 +230,8 @@ MUTANTS = (
     Mutant(
         "no-replica-scaling",
         "keras_accum/objectives.py",
-        "    return tf.stop_gradient(normaliser) * tf.cast(replicas, "
-        "normaliser.dtype)",
-        "    return tf.stop_gradient(normaliser)",
+        "    return tf.stop_gradient(normaliser) / applied\n",
+        "    return tf.stop_gradient(normaliser)\n",
         (
             "tests/distribution_test.py::TestMirroredStrategy::"
             "test_sgd_update_matches_single_device_big_batch",
@@ -345,7 +358,7 @@ MUTANTS = (
     Mutant(
         "overflowed-micro-batch-normaliser-counted",
         "keras_accum/accumulating_model.py",
-        "            normalisers * keep,\n",
+        "            tf.math.multiply_no_nan(normalisers, keep),\n",
         "            normalisers,\n",
         (
             f"{T_NUMERICS}::"
