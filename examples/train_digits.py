@@ -25,7 +25,6 @@ forking. Elsewhere the runs share one process.
 import argparse
 import importlib.util
 import json
-import math
 import multiprocessing
 import os
 import pathlib
@@ -75,12 +74,6 @@ class Run:
         if self.accumulate == "epoch":
             return train_size
         return self.batch_size * self.accumulate
-
-    def update_freq(self):
-        """TensorBoard's `update_freq`: one batch-level point per update."""
-        if self.accumulate == "epoch":
-            return "epoch"
-        return self.accumulate or 1
 
 
 def make_runs(batch_size, accumulate):
@@ -193,12 +186,11 @@ def train(run, args):
     )
     callbacks = []
     if args.tensorboard:
-        # `update_freq` counts mini-batches: N writes one `batch_*` point per
-        # update of a window of N (the batch whose end applies the update).
+        # One `batch_*` point per optimizer update, at step =
+        # `optimizer.iterations`, whatever the window and the epoch length.
         callbacks.append(
-            keras.callbacks.TensorBoard(
+            keras_accum.UpdateTensorBoard(
                 log_dir=os.path.join(args.tensorboard, run.key),
-                update_freq=run.update_freq(),
                 write_graph=False,
             )
         )
@@ -397,15 +389,6 @@ def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = math.ceil(config.TRAIN_SIZE / args.batch_size)
-    if args.tensorboard and steps % args.accumulate:
-        print(
-            f"Note: {steps} mini-batches per epoch is not a multiple of "
-            f"--accumulate={args.accumulate}; TensorBoard's batch-level "
-            "points will not fall exactly on the updates.",
-            flush=True,
-        )
-
     start = time.perf_counter()
     runs = make_runs(args.batch_size, args.accumulate)
     results = [run_isolated(run, args) for run in runs]

@@ -115,9 +115,10 @@ def test_train_digits_tensorboard_logs_one_point_per_update(tmp_path):
         str(logs / "accumulate" / "train"), size_guidance={"tensors": 0}
     )
     events.Reload()
-    # 20 micro-batches of 64 per epoch, `update_freq=4`: one point per update.
+    # 20 micro-batches of 64 per epoch, `accumulate=4`: one point per
+    # update, at step = `optimizer.iterations`.
     steps = [event.step for event in events.Tensors("batch_loss")]
-    assert steps == [4, 8, 12, 16, 20]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 @pytest.fixture
