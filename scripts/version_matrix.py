@@ -15,7 +15,8 @@ Usage:
     python scripts/version_matrix.py                    # the whole matrix
     python scripts/version_matrix.py --only lowest      # one combination
     python scripts/version_matrix.py --only lowest --wheel dist/*.whl
-    python scripts/version_matrix.py --readme           # table into README
+    python scripts/version_matrix.py --readme           # and into README
+    python scripts/version_matrix.py --table-only --readme  # runs nothing
 
 Environments live in `--venvs` (default `/tmp/venvs`); pip's cache makes a
 rebuild cheap. `tensorflow-cpu` is installed: lighter, same Python code.
@@ -185,12 +186,16 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--readme", action="store_true",
                         help="write the table into README.md")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: print (and with --readme write) "
+                             "the table of the recorded results")
     arguments = parser.parse_args()
     arguments.venvs.mkdir(parents=True, exist_ok=True)
     python_version = platform.python_version()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     ok = True
-    for name in arguments.only or MATRIX:
+    names = [] if arguments.table_only else arguments.only or MATRIX
+    for name in names:
         tensorflow, keras = MATRIX[name]
         log_path = arguments.venvs / f"{name}.log"
         with log_path.open("w") as log:
@@ -216,11 +221,11 @@ def main():
             lines = log_path.read_text(errors="replace").splitlines()
             print("\n".join(lines[-60:]), flush=True)
         if arguments.wheel is None:
-            # Results of the checkout only: a wheel run is CI's check.
+            # Results of the checkout only (a wheel run is CI's check),
+            # written at once so an interrupted run keeps what it measured.
             results[name] = row
-    if arguments.wheel is None:
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True)
-                           + "\n")
+            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True)
+                               + "\n")
     markdown = table(results)
     print(markdown)
     if arguments.readme:
