@@ -751,7 +751,6 @@ def _describe(errors, outcome, reference):
     return text
 
 
-@pytest.mark.usefixtures("float64")
 # Known, documented gaps: strict, so a fix shows up as an XPASS to remove.
 KNOWN_GAPS = {
     "mixed-reductions-sum-and-mean": (
@@ -777,9 +776,8 @@ def _with_known_gaps(workflows):
     ]
 
 
-@pytest.mark.parametrize(
-    "workflow", _with_known_gaps(WORKFLOWS)
-)
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("workflow", _with_known_gaps(WORKFLOWS))
 def test_workflow(workflow, record_property):
     """Each row: keras_accum equals plain Keras' big batch, or refuses."""
     if workflow.mode == "refusal":
