@@ -78,7 +78,11 @@ MUTANTS = (
     Mutant(
         "empty-masked-shard-nan-normaliser",
         "keras_accum/loss_normalisers.py",
+        "    return ops.where(\n"
+        "        ops.equal(elements, total),\n"
+        "        valid,\n"
         "        ops.divide_no_nan(elements * valid, total),\n",
+        "    return (\n"
         "        ops.divide(elements * valid, total),\n",
         (
             f"{T_DROPIN}::TestEmptyReplicaShards::"

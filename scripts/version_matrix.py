@@ -190,6 +190,10 @@ def main():
                         help="run nothing: print (and with --readme write) "
                              "the table of the recorded results")
     arguments = parser.parse_args()
+    # Absolute: the checks run with another working directory.
+    arguments.venvs = arguments.venvs.resolve()
+    if arguments.wheel is not None:
+        arguments.wheel = arguments.wheel.resolve()
     arguments.venvs.mkdir(parents=True, exist_ok=True)
     python_version = platform.python_version()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
