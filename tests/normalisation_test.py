@@ -290,18 +290,8 @@ def test_activity_regulariser_refused_where_keras_sums_it():
 )
 @pytest.mark.usefixtures("float64")
 def test_activity_and_weight_regularisers_count_once():
-    def graph():
-        inputs = keras.Input((5,))
-        hidden = keras.layers.Dense(
-            8, activation="tanh",
-            kernel_initializer=keras.initializers.GlorotUniform(seed=1),
-            kernel_regularizer=keras.regularizers.L2(0.05),
-            activity_regularizer=keras.regularizers.L1(0.01),
-        )(inputs)
-        outputs = keras.layers.Dense(
-            1, kernel_initializer=keras.initializers.GlorotUniform(seed=2)
-        )(hidden)
-        return inputs, outputs
-
     x, y = helpers.regression_data(1000)
-    _exact_and_naive_fails(graph, (x, y, None), "epoch", 64, {"loss": "mse"})
+    _exact_and_naive_fails(
+        _activity_regularised_graph, (x, y, None), "epoch", 64,
+        {"loss": "mse"},
+    )
