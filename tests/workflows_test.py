@@ -797,7 +797,7 @@ def test_workflow(workflow, record_property):
     if workflow.mode == "rerun":
         again = _run(workflow, accumulating=True)
         errors = _differences(again, outcome)
-        record_property("relative_error", max(errors.values()))
+        record_property("relative_error", float(max(errors.values())))
         identical = all(
             np.array_equal(a, b) for a, b in zip(again.weights, outcome.weights)
         )
@@ -808,7 +808,7 @@ def test_workflow(workflow, record_property):
         return
     reference = _run(workflow, accumulating=False)
     errors = _differences(outcome, reference)
-    record_property("relative_error", max(errors.values()))
+    record_property("relative_error", float(max(errors.values())))
     assert max(errors.values()) <= RTOL, (
         f"{workflow.name} ({workflow.bug}): "
         f"{_describe(errors, outcome, reference)}"
