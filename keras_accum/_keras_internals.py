@@ -291,16 +291,45 @@ def sequential_graph(model):
 
 # --- keras.Model / Trainer --------------------------------------------------
 
-_require_parameters(
-    _require(keras.Model, "_maybe_symbolic_build",
-             "keras.Model._maybe_symbolic_build"),
-    ("iterator", "data_batch"),
-    "keras.Model._maybe_symbolic_build",
-)
+BACKEND = keras.backend.backend()
+
 #: `AccumulatingModel` overrides `keras.Model._maybe_symbolic_build(iterator,
-#: data_batch)` (the shape-learning build at the start of `fit`); checked on
-#: Keras 3.10.0 to 3.15.1. Verified at import.
+#: data_batch)` on TensorFlow (the shape-learning build at the start of
+#: `fit`); checked on Keras 3.10.0 to 3.15.1. Verified at import there.
 MAYBE_SYMBOLIC_BUILD = "_maybe_symbolic_build"
+if BACKEND == "tensorflow":
+    _require_parameters(
+        _require(keras.Model, MAYBE_SYMBOLIC_BUILD,
+                 "keras.Model._maybe_symbolic_build"),
+        ("iterator", "data_batch"),
+        "keras.Model._maybe_symbolic_build",
+    )
+
+#: The JAX trainer's state passing (`keras/src/backend/jax/trainer.py`),
+#: which the JAX step extends with the accumulators: methods of
+#: `JAXTrainer` and the parameters `AccumulatingModel` passes or reads.
+#: Checked on Keras 3.10.0 to 3.15.1; verified at import on JAX.
+JAX_TRAINER_METHODS = {
+    "_get_jax_state": (
+        "trainable_variables", "non_trainable_variables",
+        "optimizer_variables", "metrics_variables", "purge_model_variables",
+    ),
+    "_purge_model_variables": ("optimizer_variables",),
+    "jax_state_sync": (),
+    "_get_state_sharding_spec": (),
+    "compute_loss_and_updates": (
+        "trainable_variables", "non_trainable_variables",
+        "metrics_variables", "x", "y", "sample_weight", "training",
+        "optimizer_variables",
+    ),
+}
+if BACKEND == "jax":
+    for _name, _parameters in JAX_TRAINER_METHODS.items():
+        _require_parameters(
+            _require(keras.Model, _name, f"JAXTrainer.{_name}"),
+            _parameters,
+            f"JAXTrainer.{_name}",
+        )
 
 _require(keras.Model, "_compute_loss", "keras.Model._compute_loss")
 _require(keras.Model, "_flatten_layers", "keras.Layer._flatten_layers")
@@ -378,6 +407,5 @@ def all_layers(model):
 #: Keras 3.10.0 to 3.15.1, and by `tests/keras_internals_test.py`.
 MODEL_ATTRIBUTES = (
     "_call_has_training_arg",
-    "_distribute_strategy",
     "_jit_compile",
-)
+) + (("_distribute_strategy",) if BACKEND == "tensorflow" else ())

@@ -1,10 +1,14 @@
-"""Replica-local gradient accumulators, created like optimizer slots."""
+"""The accumulator variables, created like optimizer slots.
+
+Backend-neutral: each backend's trainer adds to them in its own way
+(`keras_accum/backend/<name>/`).
+"""
 
 import keras
-import tensorflow as tf
 
-# Replica-local: a micro-step adds into its own replica's copy and needs no
-# communication; reading in cross-replica context sums the copies.
+# Replica-local under `tf.distribute`: a micro-step adds into its own
+# replica's copy and needs no communication; reading in cross-replica
+# context sums the copies. Backends without replicas ignore it.
 _LOCAL_SUM = {"synchronization": "on_read", "aggregation": "sum"}
 
 
@@ -135,92 +139,13 @@ class GradientAccumulator:
             aggregation="only_first_replica",
         )
 
-    def add(self, term_gradients, normalisers):
-        """Adds one micro-batch (replica context: local, no communication).
-
-        Args:
-            term_gradients: One list of gradients per loss term.
-            normalisers: Vector of each term's normaliser for this batch.
-        """
-        for accumulators, gradients in zip(self.gradients, term_gradients):
-            for accumulator, gradient in zip(accumulators, gradients):
-                if gradient is None:
-                    continue
-                variable = accumulator.value
-                if isinstance(gradient, tf.IndexedSlices):
-                    gradient = tf.IndexedSlices(
-                        tf.cast(gradient.values, variable.dtype),
-                        gradient.indices,
-                        gradient.dense_shape,
-                    )
-                    if not isinstance(
-                        variable, tf.distribute.DistributedValues
-                    ):
-                        # One device: add only the rows the batch touched.
-                        variable.scatter_add(gradient)
-                        continue
-                    # Replica-local (ON_READ) variables have no
-                    # `scatter_add`; the dense sum (`unsorted_segment_sum`
-                    # over the rows, duplicates added) is as exact.
-                    gradient = tf.convert_to_tensor(gradient)
-                # `assign(sum + g)`, not `assign_add(g)`: measured 9%
-                # faster per epoch on the benchmark MLP (2 CPU cores), as
-                # fast as Keras' own accumulation, which does this.
-                variable.assign(
-                    variable + tf.cast(gradient, variable.dtype),
-                    read_value=False,
-                )
-        self.normalisers.value.assign_add(
-            tf.cast(normalisers, self.normalisers.dtype), read_value=False
-        )
-
-    def count_micro_batch(self):
-        """Counts one micro-batch of the window, added or skipped."""
-        self.mini_step.value.assign_add(1, read_value=False)
-
-    def local_sums_are_finite(self):
-        """Whether this replica's gradient sums are all finite (scalar bool).
-
-        Replica context. Once per window, so it can afford an element-wise
-        check: a sum of finite gradients can overflow, which a check of the
-        sum alone would mistake for a non-finite gradient.
-        """
-        return tf.reduce_all(
-            tf.stack(
-                [
-                    tf.reduce_all(tf.math.is_finite(v.value))
-                    for term in self.gradients
-                    for v in term
-                ]
-            )
-        )
-
-    def discard(self):
-        """Drops the window without applying it, and counts it."""
-        self.discarded.value.assign_add(1, read_value=False)
-        self.reset()
-
-    def reset(self):
-        """Zeroes the gradient sums, normalisers and the window counter."""
-        for term in self.gradients:
-            for accumulator in term:
-                variable = accumulator.value
-                # `sum * 0` through `multiply_no_nan` is 0 even for a NaN or
-                # infinite sum. Not `tf.zeros(shape)`: grappler folds that
-                # into a graph constant as large as the variable, held for
-                # the graph's lifetime at every place that resets (measured:
-                # +17 MiB on a 5 MiB model). In cross-replica context the
-                # read sums the replicas, and the product is zero all the
-                # same.
-                variable.assign(
-                    tf.math.multiply_no_nan(
-                        variable.read_value(), tf.zeros((), variable.dtype)
-                    ),
-                    read_value=False,
-                )
-        for variable in (self.normalisers, self.mini_step):
-            # Assigning a constant (small): reading an on-read variable in
-            # cross-replica context would sum the replicas first.
-            variable.value.assign(
-                tf.zeros(variable.shape, variable.dtype), read_value=False
-            )
+    def state_variables(self):
+        """Every variable of the window, in a fixed order: the gradient
+        sums (term by term), the normalisers and the counters."""
+        return [v for term in self.gradients for v in term] + [
+            self.normalisers,
+            self.mini_step,
+            self.window,
+            self.skipped,
+            self.discarded,
+        ]

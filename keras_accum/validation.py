@@ -11,15 +11,19 @@ REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("raise", "skip")
 
 
-def require_tensorflow_backend(what):
-    """Raises if Keras does not run on the TensorFlow backend."""
+#: The Keras backends `AccumulatingModel` has a train step for.
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def require_supported_backend(what):
+    """Raises if Keras runs on a backend keras_accum has no step for."""
     backend = keras.backend.backend()
-    if backend != "tensorflow":
+    if backend not in SUPPORTED_BACKENDS:
         raise ValueError(
-            f"`{what}` requires the TensorFlow backend of Keras 3 (it uses "
-            "`tf.GradientTape` and `tf.distribute`). Set "
-            "`KERAS_BACKEND=tensorflow` before importing keras. "
-            f"Received: keras.backend.backend()={backend!r}"
+            f"`{what}` supports the TensorFlow and JAX backends of Keras 3; "
+            "set `KERAS_BACKEND` to \"tensorflow\" or \"jax\" before "
+            "importing keras. Received: "
+            f"keras.backend.backend()={backend!r}"
         )
 
 

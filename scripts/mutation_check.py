@@ -326,7 +326,7 @@ MUTANTS = (
     ),
     Mutant(
         "loss-scale-not-lowered",
-        "keras_accum/loss_scale.py",
+        "keras_accum/backend/tensorflow/loss_scale.py",
         "optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 0.5)",
         "optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 1.0)",
         (f"{T_NUMERICS}::test_loss_scale_overflow_is_skipped_not_accumulated",),

@@ -79,10 +79,10 @@ def _fit_with_nan_in_batch_1(model):
 
 
 def _other_backend(monkeypatch):
-    # As validation_test.py::test_non_tensorflow_backend_is_rejected, which
-    # covers the constructor; here through `wrap()`.
+    # As validation_test.py::test_unsupported_backend_is_rejected, which
+    # runs a real unsupported backend; here through `wrap()`.
     base = keras.Model(*helpers.dense_graph())
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
     keras_accum.wrap(base)
 
 
@@ -146,9 +146,9 @@ MISUSES = [
            lambda t, m: keras_accum.wrap(_model(4)), ValueError,
            r"already accumulates gradients \(accumulate=4\); wrap the "
            r"original model"),
-    Misuse("non-tensorflow-backend", lambda t, m: _other_backend(m),
-           ValueError, r"requires the TensorFlow backend.*KERAS_BACKEND="
-           r"tensorflow.*Received: keras\.backend\.backend\(\)='jax'"),
+    Misuse("unsupported-backend", lambda t, m: _other_backend(m),
+           ValueError, r"supports the TensorFlow and JAX backends.*"
+           r"KERAS_BACKEND.*Received: keras\.backend\.backend\(\)='torch'"),
     # `compile()`; validation_test.py covers SGD(gradient_accumulation_steps).
     Misuse("compile-without-optimizer",
            lambda t, m: _model().compile(optimizer=None, loss="mse"),
