@@ -457,6 +457,8 @@ class _StepFunctions:
         xla_window_update: Likewise, the XLA-compiled window update.
         accumulations: Mini-batches accumulated by traced steps (a Python
             count, incremented at trace time; see `custom_steps`).
+        tracing: Whether a JAX step is being traced (accumulators may not
+            be created then).
     """
 
     def __init__(self):
@@ -464,6 +466,7 @@ class _StepFunctions:
         self.xla_micro_step = None
         self.xla_window_update = None
         self.accumulations = 0
+        self.tracing = False
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")

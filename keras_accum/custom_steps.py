@@ -48,9 +48,10 @@ def checked_train_step(train_step):
         return train_step
 
     @functools.wraps(train_step)
-    def wrapped(self, data):
+    def wrapped(self, *args):
+        # `(data)` on TensorFlow, `(state, data)` on JAX.
         before = self._functions.accumulations
-        logs = train_step(self, data)
+        result = train_step(self, *args)
         if self._functions.accumulations == before and self.accumulate != 1:
             raise TypeError(
                 f"`{type(self).__name__}.train_step` overrides "
@@ -65,7 +66,7 @@ def checked_train_step(train_step):
                 "pass accumulate=1. Received: a `train_step` that did "
                 "neither"
             )
-        return logs
+        return result
 
     setattr(wrapped, _CHECKED, True)
     return wrapped

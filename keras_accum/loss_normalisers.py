@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import threading
 
-import tensorflow as tf
 from keras import ops
 
 from keras_accum import _keras_internals
@@ -52,8 +51,9 @@ def _elements(values, sample_weight):
     values, sample_weight = _keras_internals.squeeze_or_expand_to_same_rank(
         values, sample_weight
     )
-    shape = tf.broadcast_dynamic_shape(tf.shape(values), tf.shape(sample_weight))
-    return ops.cast(ops.prod(shape), values.dtype)
+    # The size of the broadcast product: shapes may be dynamic (TensorFlow).
+    broadcast = ops.multiply(values, ops.cast(sample_weight, values.dtype))
+    return ops.cast(ops.size(broadcast), values.dtype)
 
 
 def _normaliser(values, sample_weight, mask, reduction, dtype):

@@ -11,7 +11,7 @@ float16 range, as in plain Keras training.
 
 import dataclasses
 
-import tensorflow as tf
+from keras import ops
 
 from keras_accum import _keras_internals
 from keras_accum.loss_normalisers import SUM
@@ -70,7 +70,7 @@ def _regularisation_loss(model, dtype):
     losses = _keras_internals.regularization_losses(model)
     if not losses:
         return None
-    return tf.add_n([tf.cast(value, dtype) for value in losses])
+    return sum(ops.cast(value, dtype) for value in losses)
 
 
 def replica_scale(normaliser):
@@ -84,9 +84,9 @@ def replica_scale(normaliser):
     replica gradients add up to the window's sum for any replica count.
     """
     applied = _keras_internals.scale_loss_for_distribution(
-        tf.ones((), normaliser.dtype)
+        ops.ones((), normaliser.dtype)
     )
-    return tf.stop_gradient(normaliser) / applied
+    return ops.stop_gradient(normaliser) / applied
 
 
 def _summed(model, loss, first_in_window):
@@ -94,7 +94,7 @@ def _summed(model, loss, first_in_window):
     regularisation = _regularisation_loss(model, loss.dtype)
     if regularisation is None:
         return loss
-    later = 1.0 - tf.cast(first_in_window, loss.dtype)
+    later = 1.0 - ops.cast(first_in_window, loss.dtype)
     return loss - later * _keras_internals.scale_loss_for_distribution(
         regularisation
     )
@@ -109,31 +109,31 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
     they count once per update, as in one big batch.
     """
     dtype = loss.dtype
-    one = tf.ones((), dtype)
+    one = ops.ones((), dtype)
     if model.reduction == "sum":
         return MicroBatchContribution(
-            [loss], [one], tf.zeros((1,), dtype), (False,),
-            tf.cast(batch_size, dtype),
+            [loss], [one], ops.zeros((1,), dtype), (False,),
+            ops.cast(batch_size, dtype),
         )
     normalisers = [t.normaliser for t in terms if t.normaliser is not None]
     if normalisers:
-        normaliser = tf.cast(normalisers[0], dtype)
+        normaliser = ops.cast(normalisers[0], dtype)
     elif terms and all(t.reduction == SUM for t in terms):
         return MicroBatchContribution(
             [_summed(model, loss, first_in_window)],
             [one],
-            tf.zeros((1,), dtype),
+            ops.zeros((1,), dtype),
             (False,),
-            tf.cast(batch_size, dtype),
+            ops.cast(batch_size, dtype),
         )
     else:
         # No Keras loss reported a normaliser (e.g. a custom `compute_loss`
         # returning a mean): weight by examples.
-        normaliser = tf.cast(batch_size, dtype)
+        normaliser = ops.cast(batch_size, dtype)
     return MicroBatchContribution(
         [loss],
         [replica_scale(normaliser)],
-        tf.reshape(normaliser, (1,)),
+        ops.reshape(normaliser, (1,)),
         (True,),
         normaliser,
     )
@@ -162,18 +162,18 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
         )
     dtype = loss.dtype
     objectives, scales, normalisers, divides = [], [], [], []
-    compiled_total = tf.zeros((), dtype)
+    compiled_total = ops.zeros((), dtype)
     for term, flat in zip(terms, flat_losses):
         weight = 1.0 if flat.loss_weights is None else flat.loss_weights
-        value = tf.cast(term.value, dtype) * tf.cast(weight, dtype)
+        value = ops.cast(term.value, dtype) * ops.cast(weight, dtype)
         compiled_total += value
         objectives.append(value)
         if term.normaliser is None:
-            scales.append(tf.ones((), dtype))
-            normalisers.append(tf.zeros((), dtype))
+            scales.append(ops.ones((), dtype))
+            normalisers.append(ops.zeros((), dtype))
             divides.append(False)
         else:
-            normaliser = tf.cast(term.normaliser, dtype)
+            normaliser = ops.cast(term.normaliser, dtype)
             scales.append(replica_scale(normaliser))
             normalisers.append(normaliser)
             divides.append(True)
@@ -182,8 +182,8 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
         objectives[0] += rest
     else:
         objectives[0] += _summed(model, rest, first_in_window)
-    logging_weight = normalisers[0] if divides[0] else tf.cast(batch_size, dtype)
+    logging_weight = normalisers[0] if divides[0] else ops.cast(batch_size, dtype)
     return MicroBatchContribution(
-        objectives, scales, tf.stack(normalisers), tuple(divides),
+        objectives, scales, ops.stack(normalisers), tuple(divides),
         logging_weight,
     )

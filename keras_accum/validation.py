@@ -4,6 +4,8 @@ Every error names the argument, says what is allowed and echoes the value
 received, as Keras does (`keras/src/optimizers/base_optimizer.py`).
 """
 
+import sys
+
 import keras
 
 EPOCH = "epoch"
@@ -100,10 +102,12 @@ def validate_fit_arguments(schedule, x, steps_per_epoch, callbacks):
             weights but restarts the epoch from its first batch, so windows
             would be applied twice).
     """
-    import tensorflow as tf
-
+    # A `tf.data.Dataset` exists only once TensorFlow is imported; on JAX
+    # without TensorFlow there is none to check.
+    tf = sys.modules.get("tensorflow")
     if (
         steps_per_epoch is None
+        and tf is not None
         and isinstance(x, tf.data.Dataset)
         and schedule.uses_epoch_windows
         and x.cardinality() == tf.data.INFINITE_CARDINALITY
@@ -147,3 +151,18 @@ def validate_optimizer(optimizer):
                 "and an optimizer with `gradient_accumulation_steps=None`. "
                 f"Received: gradient_accumulation_steps={steps}"
             )
+
+
+def validate_jax_optimizer(optimizer):
+    """Rejects dynamic loss scaling on JAX, which keras_accum does not do
+    per micro-batch there (TensorFlow does; `mixed_bfloat16` needs none)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise ValueError(
+            "On the JAX backend, `AccumulatingModel` does not support "
+            "dynamic loss scaling (`LossScaleOptimizer`, the default of the "
+            "`mixed_float16` policy): an overflowing micro-batch would have "
+            "to lower the scale inside the window. Use the "
+            "`mixed_bfloat16` policy (no loss scaling; what TPUs use), "
+            "float32, or the TensorFlow backend. Received: "
+            f"optimizer of type {type(optimizer).__name__}"
+        )

@@ -1,0 +1,486 @@
+"""The JAX train step: pure and jitted, with the window in the step's state.
+
+Keras' `JAXTrainer.train_step(state, data)` takes and returns the state
+`(trainable, non_trainable, optimizer_variables, metrics_variables)`. Here
+the accumulators travel in it too, after the optimizer's own variables in
+the third entry (`_get_jax_state`, `jax_state_sync` and
+`_get_state_sharding_spec` add them), so that `fit`'s loop, which unpacks
+four entries, carries them from step to step on the device, with no host
+round trip per micro-step. They are not optimizer variables, so saving and
+loading the optimizer is unchanged.
+
+A full window is applied inside the step under `jax.lax.cond`: on a
+micro-step that does not end a window the optimizer update is not computed.
+"""
+
+import collections
+
+import jax
+import keras
+from jax import numpy as jnp
+from keras import ops
+
+from keras_accum import _keras_internals
+from keras_accum import custom_steps
+from keras_accum import objectives
+from keras_accum import validation
+from keras_accum.accumulators import GradientAccumulator
+from keras_accum.loss_normalisers import record_loss_normalisers
+from keras_accum.window_plan import WindowPlan
+
+
+class Window(collections.namedtuple(
+    "Window",
+    ["gradients", "normalisers", "mini_step", "window", "skipped",
+     "discarded"],
+)):
+    """The values of the accumulator variables inside a step (a pytree).
+
+    Attributes:
+        gradients: One list of gradient sums per loss term.
+        normalisers: Vector, each term's normaliser sum.
+        mini_step: Micro-batches in the window.
+        window: Micro-batches per window (0: epoch end).
+        skipped: Micro-batches skipped for non-finite gradients.
+        discarded: Windows discarded for a non-finite sum.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_values(cls, values, terms):
+        """Unflattens `GradientAccumulator.state_variables()` values."""
+        values = list(values)
+        per_term = (len(values) - 5) // terms
+        gradients = [
+            values[t * per_term:(t + 1) * per_term] for t in range(terms)
+        ]
+        return cls(gradients, *values[terms * per_term:])
+
+    def values(self):
+        """Flattens, in the order of `GradientAccumulator.state_variables()`."""
+        return [g for term in self.gradients for g in term] + [
+            self.normalisers,
+            self.mini_step,
+            self.window,
+            self.skipped,
+            self.discarded,
+        ]
+
+    def cleared(self, discarded=None):
+        """The window after an update (or a discard): sums and count zero."""
+        return self._replace(
+            gradients=[[jnp.zeros_like(g) for g in term]
+                       for term in self.gradients],
+            normalisers=jnp.zeros_like(self.normalisers),
+            mini_step=jnp.zeros_like(self.mini_step),
+            discarded=self.discarded if discarded is None else discarded,
+        )
+
+    def is_finite(self):
+        """Whether every sum and normaliser is finite (scalar bool).
+
+        Once per window, so it can afford an element-wise check: a sum of
+        finite gradients can overflow, which a check of the total alone
+        would mistake for a non-finite gradient.
+        """
+        checks = [jnp.all(jnp.isfinite(g)) for t in self.gradients for g in t]
+        checks.append(jnp.all(jnp.isfinite(self.normalisers)))
+        return jnp.all(jnp.stack(checks))
+
+
+class JAXGradientAccumulator(GradientAccumulator):
+    """`GradientAccumulator` with eager updates between jitted steps."""
+
+    def reset(self):
+        """Zeroes the gradient sums, normalisers and the window counter."""
+        for variable in [v for term in self.gradients for v in term] + [
+            self.normalisers, self.mini_step
+        ]:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+
+
+class JAXAccumulationTrainer:
+    """The JAX half of `AccumulatingModel` (a mixin before `keras.Model`,
+    as Keras mixes `JAXTrainer` into its `Model`)."""
+
+    accumulator_class = JAXGradientAccumulator
+
+    # --- Hooks of the backend-neutral model -------------------------------
+
+    def _build_accumulators_eagerly(self):
+        self._sync_accumulation_state()
+
+    def _inside_traced_step(self):
+        return self._functions.tracing
+
+    def _pending_mini_batches(self):
+        return self.mini_step
+
+    def _read_counter(self, variable):
+        values = self._unsynced_window_values()
+        if values is not None:
+            for ref, value in zip(self._accumulator.state_variables(), values):
+                if ref is variable:
+                    return int(value)
+        return int(ops.convert_to_numpy(variable.value))
+
+    # --- The accumulators in the JAX trainer's state ----------------------
+
+    def _window_in_state(self):
+        return self._accumulator.built and self._accumulates_in_step()
+
+    def _unsynced_window_values(self):
+        """The accumulators' values in the state of a running `fit`, or
+        `None` when the variables hold them (state synced)."""
+        state = getattr(self, "_jax_state", None)
+        if not state or self._jax_state_synced or not self._window_in_state():
+            return None
+        values = state.get("optimizer_variables")
+        optimizer_count = len(self.optimizer.variables)
+        if values is None or len(values) == optimizer_count:
+            return None
+        return values[optimizer_count:]
+
+    def _get_jax_state(
+        self,
+        trainable_variables=False,
+        non_trainable_variables=False,
+        optimizer_variables=False,
+        metrics_variables=False,
+        purge_model_variables=False,
+    ):
+        window = (
+            [v.value for v in self._accumulator.state_variables()]
+            if optimizer_variables and self._window_in_state()
+            else []
+        )
+        state = super()._get_jax_state(
+            trainable_variables=trainable_variables,
+            non_trainable_variables=non_trainable_variables,
+            optimizer_variables=optimizer_variables,
+            metrics_variables=metrics_variables,
+            purge_model_variables=purge_model_variables,
+        )
+        if not window:
+            return state
+        state = list(state)
+        index = int(trainable_variables) + int(non_trainable_variables)
+        state[index] = list(state[index]) + window
+        if purge_model_variables:
+            # As Keras purges its own variables: one copy, in the state.
+            for variable in self._accumulator.state_variables():
+                variable._value = None
+        return tuple(state)
+
+    def jax_state_sync(self):
+        values = self._unsynced_window_values()
+        if values is not None:
+            for variable, value in zip(
+                self._accumulator.state_variables(), values
+            ):
+                variable.assign(value)
+        super().jax_state_sync()
+
+    def _get_state_sharding_spec(self):
+        trainable, non_trainable, optimizer, metrics = (
+            super()._get_state_sharding_spec()
+        )
+        if self._window_in_state():
+            optimizer = list(optimizer) + [
+                v.value.sharding for v in self._accumulator.state_variables()
+            ]
+        return trainable, non_trainable, optimizer, metrics
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        if (
+            self._accumulates_in_step()
+            and getattr(self, "optimizer", None) is not None
+            and self._all_layers_built()
+        ):
+            validation.validate_jax_optimizer(self.optimizer)
+            # Before Keras jits the step: the state's shardings are read
+            # from the variables, which must exist by then.
+            self._sync_accumulation_state()
+        return super().make_train_function(force=force)
+
+    # --- The step ---------------------------------------------------------
+
+    @custom_steps.own_step
+    def train_step(self, state, data):
+        if self._schedule.value == 1:
+            return super().train_step(state, data)
+        custom_steps.count_accumulation(self)
+        trainable, non_trainable, optimizer_state, metrics = state
+        optimizer_count = len(self.optimizer.variables)
+        optimizer_values = list(optimizer_state[:optimizer_count])
+        self._check_accumulators_in_trace()
+        window = Window.from_values(
+            optimizer_state[optimizer_count:],
+            len(self._accumulator.gradients),
+        )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch_size = next(
+            i for i in jax.tree_util.tree_leaves(x) if i is not None
+        ).shape[0]
+        first_in_window = window.mini_step == 0
+        static = {}
+
+        def weighted_objectives(trainable):
+            with record_loss_normalisers() as terms:
+                _, (loss, y_pred, new_non_trainable, new_metrics) = (
+                    self.compute_loss_and_updates(
+                        trainable,
+                        non_trainable,
+                        metrics,
+                        x,
+                        y,
+                        sample_weight,
+                        training=True,
+                        optimizer_variables=optimizer_values,
+                    )
+                )
+            # Weight regularisation inside the contribution reads the
+            # weights: give it this step's values.
+            with keras.StatelessScope(
+                state_mapping=list(zip(self.trainable_variables, trainable))
+            ):
+                contribution = self._micro_batch_contribution(
+                    terms, loss, batch_size, first_in_window
+                )
+            static["divides"] = contribution.divides
+            weighted = ops.stack(
+                [
+                    objective * scale
+                    for objective, scale in zip(
+                        contribution.objectives, contribution.gradient_scales
+                    )
+                ]
+            )
+            return weighted, (
+                loss,
+                contribution.normalisers,
+                contribution.logging_weight,
+                y_pred,
+                new_non_trainable,
+                new_metrics,
+            )
+
+        weighted, pullback, aux = jax.vjp(
+            weighted_objectives, trainable, has_aux=True
+        )
+        loss, normalisers, logging_weight, y_pred, non_trainable, metrics = aux
+        # One backward pass per loss term, from one forward pass.
+        basis = jnp.eye(weighted.shape[0], dtype=weighted.dtype)
+        term_gradients = [pullback(direction)[0] for direction in basis]
+        self._window_plan = WindowPlan(static["divides"])
+        window, kept = self._add_micro_batch(
+            window, term_gradients, normalisers, loss
+        )
+        # A skipped micro-batch is left out of the logged loss too.
+        logs, metrics = self._update_logs(
+            metrics,
+            jnp.where(kept > 0, loss, jnp.zeros_like(loss)),
+            logging_weight * kept.astype(logging_weight.dtype),
+            x, y, y_pred, sample_weight,
+        )
+        if self._schedule.value != validation.EPOCH:
+            trainable, optimizer_values, window = self._apply_window_if(
+                self._window_is_full(window), trainable, optimizer_values,
+                window,
+            )
+        return logs, (
+            trainable,
+            non_trainable,
+            list(optimizer_values) + window.values(),
+            metrics,
+        )
+
+    def _check_accumulators_in_trace(self):
+        """The accumulators were built before `jit`, for these variables;
+        a trace that finds the trainable set changed raises (see
+        `_sync_accumulation_state`)."""
+        self._functions.tracing = True
+        try:
+            self._sync_accumulation_state()
+        finally:
+            self._functions.tracing = False
+
+    def _add_micro_batch(self, window, term_gradients, normalisers, loss):
+        """Adds one micro-batch's weighted gradients to `window`.
+
+        Returns:
+            The new `Window`, and 1.0 or 0.0: whether the micro-batch was
+            added (0.0 only for a non-finite one under
+            `on_nonfinite="skip"`, which still takes its place in the
+            window).
+        """
+        normalisers = ops.cast(normalisers, window.normalisers.dtype)
+        kept = jnp.ones((), loss.dtype)
+        skipped = window.skipped
+        if self._on_nonfinite == "skip":
+            finite = jnp.all(
+                jnp.stack(
+                    [jnp.isfinite(jnp.sum(g)) for t in term_gradients
+                     for g in t]
+                    + [jnp.all(jnp.isfinite(normalisers)),
+                       jnp.isfinite(loss)]
+                )
+            )
+            # `where`, not a product: 0 * inf is NaN.
+            term_gradients = [
+                [jnp.where(finite, g, jnp.zeros_like(g)) for g in t]
+                for t in term_gradients
+            ]
+            normalisers = jnp.where(
+                finite, normalisers, jnp.zeros_like(normalisers)
+            )
+            kept = finite.astype(loss.dtype)
+            skipped = skipped + 1 - finite.astype(skipped.dtype)
+        sums = [
+            [s + g.astype(s.dtype) for s, g in zip(term_sums, gradients)]
+            for term_sums, gradients in zip(window.gradients, term_gradients)
+        ]
+        window = window._replace(
+            gradients=sums,
+            normalisers=window.normalisers + normalisers,
+            mini_step=window.mini_step + 1,
+            skipped=skipped,
+        )
+        return window, kept
+
+    def _update_logs(self, metrics, loss, logging_weight, x, y, y_pred,
+                     sample_weight):
+        """Keras' `_update_metrics_variables`, with the micro-batch's loss
+        weighted by its share of the window (see `objectives`)."""
+        with keras.StatelessScope(
+            state_mapping=list(zip(self.metrics_variables, metrics))
+        ) as scope:
+            _keras_internals.loss_tracker(self).update_state(
+                loss, sample_weight=logging_weight
+            )
+            logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        metrics = [
+            scope.get_current_value(v)
+            if scope.get_current_value(v) is not None
+            else v.value
+            for v in self.metrics_variables
+        ]
+        return logs, metrics
+
+    def _window_is_full(self, window):
+        if self._schedule.is_static:
+            return window.mini_step >= self._schedule.value
+        return jnp.logical_and(
+            window.window > 0, window.mini_step >= window.window
+        )
+
+    def _apply_window_if(self, condition, trainable, optimizer_values,
+                         window):
+        """Applies `window` when `condition` holds, under `lax.cond`.
+
+        Neither the optimizer update nor the window's finiteness check runs
+        on a step whose condition is false. A full window whose sums are
+        not finite is discarded and counted instead.
+
+        Returns:
+            The new `(trainable, optimizer_values, window)`.
+        """
+        plan = self._window_plan
+
+        def update(operands):
+            trainable, optimizer_values, window = operands
+            gradients = _window_gradient(window, plan)
+            trainable, optimizer_values = self.optimizer.stateless_apply(
+                optimizer_values, gradients, trainable
+            )
+            return list(trainable), list(optimizer_values), window.cleared()
+
+        def discard(operands):
+            trainable, optimizer_values, window = operands
+            return trainable, optimizer_values, window.cleared(
+                discarded=window.discarded + 1
+            )
+
+        def apply(operands):
+            return jax.lax.cond(
+                operands[2].is_finite(), update, discard, operands
+            )
+
+        return jax.lax.cond(
+            condition,
+            apply,
+            lambda operands: operands,
+            (list(trainable), list(optimizer_values), window),
+        )
+
+    # --- Outside the step -------------------------------------------------
+
+    def _apply_pending_window(self):
+        """Applies the window if it holds a mini-batch (eager call)."""
+        accumulator = self._accumulator
+        if self._functions.apply is None:
+
+            def apply_function(trainable, optimizer_values, values):
+                window = Window.from_values(
+                    values, len(accumulator.gradients)
+                )
+                trainable, optimizer_values, window = self._apply_window_if(
+                    window.mini_step > 0, trainable, optimizer_values, window
+                )
+                return trainable, optimizer_values, window.values()
+
+            self._functions.apply = (
+                apply_function if self.run_eagerly
+                else jax.jit(apply_function)
+            )
+        targets = (
+            accumulator.variables,
+            self.optimizer.variables,
+            accumulator.state_variables(),
+        )
+        results = self._functions.apply(
+            *[[v.value for v in variables] for variables in targets]
+        )
+        for variables, values in zip(targets, results):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+
+    def _reset_window(self):
+        """Zeroes the window's sums and count (eager call)."""
+        self._accumulator.reset()
+
+    def _accumulate_from_custom_step(self, gradients, normaliser):
+        raise NotImplementedError(
+            "`accumulate_gradients` is for custom TensorFlow train steps; "
+            "on JAX, a custom `train_step(self, state, data)` accumulates "
+            "through `super().train_step(state, data)`. Received: a call "
+            "on the JAX backend"
+        )
+
+
+def _window_gradient(window, plan):
+    """The gradient a window applies: each term's sum, divided by its
+    window-wide normaliser where the term is averaged, summed over terms."""
+    gradient = None
+    for term, sums in enumerate(window.gradients):
+        if plan.divides[term]:
+            normaliser = window.normalisers[term]
+            # An empty term (normaliser 0) adds 0, as Keras' `divide_no_nan`.
+            sums = [
+                jnp.where(
+                    normaliser == 0,
+                    jnp.zeros_like(s),
+                    s / jnp.where(normaliser == 0, 1, normaliser).astype(
+                        s.dtype
+                    ),
+                )
+                for s in sums
+            ]
+        gradient = (
+            sums if gradient is None
+            else [a + b for a, b in zip(gradient, sums)]
+        )
+    return gradient
