@@ -1,24 +1,59 @@
 """Test configuration shared by every test module.
 
-Four logical CPU devices are configured at import, before TensorFlow runs any
-op, so the distribution tests can use real `MirroredStrategy`s on one CPU.
+The suite runs on the backend named by `KERAS_BACKEND` (TensorFlow when
+unset). On TensorFlow, four logical CPU devices are configured at import,
+before any op runs, so the distribution tests can use real
+`MirroredStrategy`s on one CPU. On JAX, two host CPU devices are configured
+for `keras.distribution.DataParallel`, float64 is enabled, and only tests
+marked `jax` run (`python -m pytest -m jax`); the others use TensorFlow.
 """
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if BACKEND == "jax":
+    # Before JAX initialises its CPU backend.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_force_host_platform_device_count=2"
+    ).strip()
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 LOGICAL_CPUS = 4
 
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    _cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS
-)
+if BACKEND == "jax":
+    import jax  # noqa: E402
+
+    from keras.src.backend.common import dtypes as _keras_dtypes
+
+    jax.config.update("jax_enable_x64", True)
+    # Keras' type promotion maps float64 to float32 on JAX (as JAX does
+    # without x64), so `ops.mean` and `tanh` of float64 tensors compute in
+    # float32 and plain Keras' own big batch drifts ~1e-8 per update. Both
+    # sides of every comparison run in this process, so make float64 honest
+    # for both: exactness is then tested to the same 1e-9 as on TensorFlow.
+    _keras_dtypes.BIT64_TO_BIT32_DTYPE["float64"] = "float64"
+else:
+    import tensorflow as tf  # noqa: E402
+
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        _cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND != "jax":
+        return
+    tensorflow_only = pytest.mark.skip(
+        reason="uses TensorFlow (not marked `jax`)"
+    )
+    for item in items:
+        if "jax" not in item.keywords or "tensorflow_only" in item.keywords:
+            item.add_marker(tensorflow_only)
 
 
 @pytest.fixture

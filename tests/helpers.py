@@ -6,7 +6,8 @@ import numpy as np
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 
 # Float64 round-off of a few hundred updates; the naive averaging that the
-# tests must reject is off by 1e-4 to 1e-2.
+# tests must reject is off by 1e-4 to 1e-2. (On JAX, conftest.py keeps
+# Keras' float64 in float64.)
 RTOL = 1e-9
 
 
@@ -120,12 +121,14 @@ class NaiveAveragingModel(FunctionalAccumulatingModel):
 
     def _micro_batch_contribution(self, terms, loss, batch_size,
                                   first_in_window):
-        import tensorflow as tf
+        from keras import ops
 
         from keras_accum.objectives import MicroBatchContribution
 
-        replicas = self.distribute_strategy.num_replicas_in_sync
+        strategy = getattr(self, "distribute_strategy", None)
+        replicas = 1 if strategy is None else strategy.num_replicas_in_sync
         return MicroBatchContribution(
-            [loss], [tf.cast(replicas, loss.dtype)], tf.ones((1,), loss.dtype),
-            (True,), tf.cast(batch_size, loss.dtype),
+            [loss], [ops.cast(replicas, loss.dtype)],
+            ops.ones((1,), loss.dtype), (True,),
+            ops.cast(batch_size, loss.dtype),
         )
