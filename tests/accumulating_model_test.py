@@ -16,6 +16,8 @@ from keras_accum import AccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
+pytestmark = pytest.mark.jax
+
 N_EXAMPLES = 1000
 BATCH = 64  # 15 full batches and a ragged one of 40.
 EPOCHS = 3
@@ -165,6 +167,7 @@ class TestExactness:
         )
         assert helpers.relative_error(base.get_weights(), expected) <= RTOL
 
+    @pytest.mark.tensorflow_only
     def test_reduction_sum_applies_running_total(self):
         x, y = helpers.regression_data(N_EXAMPLES)
         model = AccumulatingModel(
@@ -315,6 +318,7 @@ class TestFitIntegration:
         )
         assert helpers.relative_error(model.get_weights(), expected) <= RTOL
 
+    @pytest.mark.tensorflow_only
     @pytest.mark.parametrize("jit_compile", [True, False])
     def test_jit_compiles_micro_step_and_update_apart(self, jit_compile):
         # One XLA cluster would also hold the window's `tf.cond`, and carry
@@ -335,6 +339,7 @@ class TestFitIntegration:
         assert functions.xla_window_update.experimental_get_tracing_count() > 0
         assert int(model.optimizer.iterations.numpy()) == 4  # 16 batches
 
+    @pytest.mark.tensorflow_only
     def test_reset_builds_no_weight_sized_constant(self):
         # Grappler folds `tf.zeros(weight.shape)` into a graph constant as
         # large as the weight, held for the graph's lifetime at every place

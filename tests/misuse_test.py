@@ -20,6 +20,8 @@ from keras_accum import AccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
+pytestmark = pytest.mark.jax
+
 
 def _model(accumulate="epoch", **kwargs):
     return AccumulatingModel(*helpers.dense_graph(), accumulate=accumulate,

@@ -18,7 +18,7 @@ import pytest
 import keras_accum
 from keras_accum import AccumulatingModel
 
-pytestmark = pytest.mark.slice
+pytestmark = [pytest.mark.slice, pytest.mark.jax]
 
 _X = np.linspace(-1.0, 1.0, 24, dtype="float32").reshape(8, 3)
 _Y = np.linspace(0.0, 1.0, 16, dtype="float32").reshape(8, 2)
@@ -109,7 +109,7 @@ def test_every_model_form_loads_in_a_process_with_only_keras_accum(tmp_path):
         model.save(paths[name])
         expected[name] = (model, model.predict(_X, verbose=0))
 
-    environment = dict(os.environ, KERAS_BACKEND="tensorflow")
+    environment = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     process = subprocess.run(
         [sys.executable, "-c", _LOADER, json.dumps(paths), root],

@@ -10,7 +10,7 @@ from keras_accum import AccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
-pytestmark = pytest.mark.slice
+pytestmark = [pytest.mark.slice, pytest.mark.jax]
 
 
 def _fit(model, x, y, epochs, initial_epoch=0):

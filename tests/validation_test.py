@@ -12,6 +12,8 @@ import keras_accum
 from keras_accum import AccumulatingModel
 from tests import helpers
 
+pytestmark = pytest.mark.jax
+
 
 @pytest.mark.parametrize(
     "accumulate, error",
