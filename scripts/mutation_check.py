@@ -175,7 +175,7 @@ MUTANTS = (
             "tests/misuse_test.py::TestAllowedNeighbours::"
             "test_epoch_window_with_batch_backup",
             "tests/examples_test.py::"
-            "test_train_digits_writes_table_plot_and_models",
+            "test_train_digits_writes_table_plot_models_and_logs",
         ),
     ),
     Mutant(

@@ -10,6 +10,14 @@ N_EXAMPLES = 962
 GLOBAL_BATCH = 64
 EPOCHS = 2
 
+# The `MultiWorkerMirroredStrategy` cases (`multi_worker_main.py`), run in
+# turn by one pair of worker processes: name -> (window, model).
+MULTI_WORKER_CASES = {
+    "dense-epoch": ("epoch", "dense"),
+    "dense-4": (4, "dense"),
+    "embedding-2": (2, "embedding"),
+}
+
 
 def training_data():
     x, y = helpers.regression_data(N_EXAMPLES)

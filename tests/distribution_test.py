@@ -215,19 +215,20 @@ def _free_port():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "accumulate,model_name", [("epoch", "dense"), (4, "dense"),
-                              (2, "embedding")]
-)
-def test_multi_worker_mirrored_two_processes(tmp_path, accumulate, model_name,
-                                             float64):
+def test_multi_worker_mirrored_two_processes(tmp_path, float64):
     """Catches divergence across workers or from single-device training;
-    the `Embedding` row catches `scatter_add` on replica-local variables
-    and NaN from the empty shard of the last global batch."""
+    the `Embedding` case catches `scatter_add` on replica-local variables
+    and NaN from the empty shard of the last global batch.
+
+    One pair of worker processes trains every case of
+    `distribution_cases.MULTI_WORKER_CASES` in turn (starting TensorFlow and the cluster
+    is most of a case's time).
+    """
     ports = [_free_port(), _free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     workers = []
     for index in range(2):
+        (tmp_path / f"worker{index}").mkdir()
         env = dict(
             os.environ,
             TF_CONFIG=json.dumps(
@@ -240,9 +241,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path, accumulate, model_name,
                 [
                     sys.executable,
                     os.path.join(REPOSITORY, "tests", "multi_worker_main.py"),
-                    str(tmp_path / f"worker{index}.npz"),
-                    str(accumulate),
-                    model_name,
+                    str(tmp_path / f"worker{index}"),
                 ],
                 env=env,
                 cwd=REPOSITORY,
@@ -251,7 +250,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path, accumulate, model_name,
             )
         )
     try:
-        outputs = [w.communicate(timeout=240)[0].decode() for w in workers]
+        outputs = [w.communicate(timeout=480)[0].decode() for w in workers]
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -260,20 +259,22 @@ def test_multi_worker_mirrored_two_processes(tmp_path, accumulate, model_name,
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
 
-    results = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
-    weights = [[r[f"arr_{i}"] for i in range(len(r.files) - 1)]
-               for r in results]
-    for a, b in zip(*weights):
-        np.testing.assert_array_equal(a, b)
-    if model_name == "embedding":
-        from tests.distributed_dropin_test import embedding_pool
+    from tests.distributed_dropin_test import embedding_pool
 
-        reference = embedding_pool().reference(accumulate)
-        n, batch = cases.DROPIN_EXAMPLES, cases.DROPIN_BATCH
-    else:
-        reference = _reference_weights(accumulate)
-        n, batch = cases.N_EXAMPLES, cases.GLOBAL_BATCH
-    error = helpers.relative_error(weights[0], reference)
-    assert error <= RTOL, f"relative error {error:.3g}"
-    windows = len(helpers.windows(n, batch, accumulate))
-    assert int(results[0]["iterations"]) == cases.EPOCHS * windows
+    for name, (accumulate, model_name) in cases.MULTI_WORKER_CASES.items():
+        results = [np.load(tmp_path / f"worker{i}" / f"{name}.npz")
+                   for i in range(2)]
+        weights = [[r[f"arr_{i}"] for i in range(len(r.files) - 1)]
+                   for r in results]
+        for a, b in zip(*weights):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        if model_name == "embedding":
+            reference = embedding_pool().reference(accumulate)
+            n, batch = cases.DROPIN_EXAMPLES, cases.DROPIN_BATCH
+        else:
+            reference = _reference_weights(accumulate)
+            n, batch = cases.N_EXAMPLES, cases.GLOBAL_BATCH
+        error = helpers.relative_error(weights[0], reference)
+        assert error <= RTOL, f"{name}: relative error {error:.3g}"
+        windows = len(helpers.windows(n, batch, accumulate))
+        assert int(results[0]["iterations"]) == cases.EPOCHS * windows, name

@@ -1,7 +1,9 @@
 """One worker of the two-process `MultiWorkerMirroredStrategy` test.
 
-Run by `distribution_test.py` with `TF_CONFIG` set; trains in float64 and
-saves the final weights to the path given as the first argument.
+Run by `distribution_test.py` with `TF_CONFIG` set. Trains every case of
+`distribution_cases.MULTI_WORKER_CASES` in turn under one strategy, in float64 (one pair of processes for
+all of them: starting TensorFlow and the cluster is most of a case's time),
+and saves each case's final weights to `<output_dir>/<case>.npz`.
 """
 
 import os
@@ -20,21 +22,21 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from keras_accum import AccumulatingModel  # noqa: E402
-from tests import helpers  # noqa: E402
 from tests import distribution_cases as cases  # noqa: E402
+from tests import helpers  # noqa: E402
 
 
-def main(output_path, accumulate, model_name="dense"):
-    keras.backend.set_floatx("float64")
+def train(accumulate, model_name):
+    """Trains one case under `strategy`; returns the model."""
     if model_name == "embedding":
-        # `Embedding` + pooling: a sparse gradient, a last global batch of
-        # one example (the second worker's shard is empty). SGD, as in
-        # `distributed_dropin_test`.
+        # `Embedding` + pooling: a sparse gradient, and a last global batch
+        # of one example (the second worker's shard is empty).
         tokens, _, scores, _ = cases.token_data()
         dataset = tf.data.Dataset.from_tensor_slices((tokens, scores)).batch(
             cases.DROPIN_BATCH
         )
         graph = cases.embedding_pool_graph
+        # SGD, as in `distributed_dropin_test`.
         make_optimizer = lambda: keras.optimizers.SGD(  # noqa: E731
             learning_rate=0.1, momentum=0.9
         )
@@ -49,12 +51,17 @@ def main(output_path, accumulate, model_name="dense"):
         model = AccumulatingModel(*graph(), accumulate=accumulate)
         # The optimizer's variables belong to the strategy: create it here.
         model.compile(optimizer=make_optimizer(), loss="mse")
-    model.fit(dataset, epochs=2, verbose=0)
-    np.savez(output_path, *model.get_weights(),
-             iterations=model.optimizer.iterations.numpy())
+    model.fit(dataset, epochs=cases.EPOCHS, verbose=0)
+    return model
+
+
+def main(output_dir):
+    keras.backend.set_floatx("float64")
+    for name, (accumulate, model_name) in cases.MULTI_WORKER_CASES.items():
+        model = train(accumulate, model_name)
+        np.savez(os.path.join(output_dir, f"{name}.npz"), *model.get_weights(),
+                 iterations=model.optimizer.iterations.numpy())
 
 
 if __name__ == "__main__":
-    window = sys.argv[2]
-    main(sys.argv[1], window if window == "epoch" else int(window),
-         *sys.argv[3:])
+    main(sys.argv[1])
