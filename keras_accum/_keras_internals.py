@@ -19,6 +19,7 @@ Where the installed Keras' *semantics* differ between supported versions
 too, so the rest of the library reads one answer.
 """
 
+import contextlib
 import inspect
 
 import keras
@@ -199,44 +200,73 @@ def activity_regularised_layers(model):
     ]
 
 
-def check_activity_regularisation(model, accumulates, reduction):
-    """Refuses activity regularisers where the accumulated update is wrong.
+def sums_activity_regularisation(model):
+    """Whether `model`'s loss holds an activity penalty summed over the batch.
 
-    Before Keras 3.14 an activity-regulariser loss is summed over the batch,
-    so one big batch of a window carries the *sum* of the micro-batches'
-    penalties, while a micro-batch's loss is averaged over the window with
-    its normaliser as weight: the accumulated penalty would be off by the
-    window's size (measured 70% relative error on the update, 8
-    micro-batches). Keeping that sum apart from the averaged loss needs a
-    second set of gradient accumulators, which keras_accum does not
-    allocate; the model is refused rather than trained wrongly. With
-    `reduction="sum"` every micro-batch's loss is summed over the window,
-    which is what those Keras versions do, so that is accepted.
+    True on Keras < 3.14 for a model with an activity regulariser. One big
+    batch of a window then carries the *sum* of its micro-batches'
+    penalties, while keras_accum divides a micro-batch's averaged loss by
+    the window's normaliser: the penalty needs a term of its own that is
+    summed over the window (see `objectives.with_summed_activity`).
+    """
+    if ACTIVITY_REGULARISATION_IS_BATCH_MEAN:
+        return False
+    return bool(activity_regularised_layers(model))
+
+
+class _RecordingRegulariser:
+    """Calls an activity regulariser and keeps each penalty it returns."""
+
+    def __init__(self, regulariser, penalties):
+        self.regulariser = regulariser
+        self.penalties = penalties
+
+    def __call__(self, output):
+        penalty = self.regulariser(output)
+        self.penalties.append(penalty)
+        return penalty
+
+
+@contextlib.contextmanager
+def record_activity_regularisation(model):
+    """Records the activity penalties of the forward passes in the block.
+
+    `Layer.__call__` looks up `self.activity_regularizer` after `call` and
+    passes what it returns to `add_loss` unchanged (Keras 3.10.0 to 3.13.2;
+    from 3.14 it divides it by the batch size first). Each regularised
+    layer's attribute is replaced by a recording wrapper for the block and
+    restored after it, so the penalties are known exactly, without any
+    other `add_loss` term of the same layers.
 
     Args:
-        model: The `AccumulatingModel` about to be fitted.
-        accumulates: Whether windows span more than one batch.
-        reduction: The model's `reduction`, `"mean"` or `"sum"`.
+        model: The model whose layers to record, or `None` to record
+            nothing.
 
-    Raises:
-        ValueError: on Keras < 3.14, for a model with an activity
-            regulariser that accumulates with `reduction="mean"`.
+    Yields:
+        A list that receives each penalty tensor, as `add_loss` gets it.
     """
-    if ACTIVITY_REGULARISATION_IS_BATCH_MEAN or not accumulates:
-        return
-    if reduction == "sum":
-        return
-    layers = activity_regularised_layers(model)
-    if layers:
-        names = ", ".join(layer.name for layer in layers)
-        raise ValueError(
-            f"Keras {keras.version()} sums activity-regularisation losses "
-            "over the batch (from Keras 3.14 they are averaged), and "
-            "keras_accum cannot weight such a sum exactly across a window "
-            "with reduction=\"mean\". Upgrade to `keras>=3.14`, remove the "
-            "`activity_regularizer`, or use `accumulate=1`. Received: layers "
-            f"with activity_regularizer: {names}"
-        )
+    penalties = []
+    layers = [] if model is None else activity_regularised_layers(model)
+    originals = [layer.activity_regularizer for layer in layers]
+    try:
+        for layer, regulariser in zip(layers, originals):
+            layer.activity_regularizer = _RecordingRegulariser(
+                regulariser, penalties
+            )
+        yield penalties
+    finally:
+        for layer, regulariser in zip(layers, originals):
+            layer.activity_regularizer = regulariser
+
+
+def aggregate_additional_loss(model, loss):
+    """`loss` as `model.compute_loss` adds it to the total: a scalar, cast
+    to `floatx()` if not a float, scaled by 1/replicas.
+
+    `Trainer._aggregate_additional_loss` (TensorFlow's override scales for
+    distribution); checked on Keras 3.10.0 to 3.15.1.
+    """
+    return model._aggregate_additional_loss(loss)
 
 
 # --- keras.src.models ------------------------------------------------------
@@ -333,6 +363,8 @@ if BACKEND == "jax":
 
 _require(keras.Model, "_compute_loss", "keras.Model._compute_loss")
 _require(keras.Model, "_flatten_layers", "keras.Layer._flatten_layers")
+_require(keras.Model, "_aggregate_additional_loss",
+         "keras.Model._aggregate_additional_loss")
 _require(keras.Model, "_get_regularization_losses",
          "keras.Layer._get_regularization_losses")
 

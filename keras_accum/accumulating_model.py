@@ -250,9 +250,6 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             steps_per_epoch=arguments.get("steps_per_epoch"),
             callbacks=callbacks,
         )
-        _keras_internals.check_activity_regularisation(
-            self, self._schedule.value != 1, self._reduction
-        )
         callbacks = _with_flush_callback(callbacks)
         if len(args) > _FIT_CALLBACKS_POSITION:
             args = list(args)
@@ -273,12 +270,32 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         )
 
     def _loss_terms(self):
-        """Number of separately normalised loss terms, `None` until the
-        compiled loss is built (see `objectives.loss_terms`)."""
+        """Number of accumulator sets, `None` until the compiled loss is
+        built: the separately normalised loss terms (see
+        `objectives.loss_terms`), and one for a summed activity penalty
+        (see `_sums_activity_penalty`)."""
         if getattr(self, "_compile_loss", None) is None:
-            return 1
-        return objectives.loss_terms(
-            self._loss_normalisation, _keras_internals.compiled_losses(self)
+            terms = 1
+        else:
+            terms = objectives.loss_terms(
+                self._loss_normalisation,
+                _keras_internals.compiled_losses(self),
+            )
+        if terms is None:
+            return None
+        return terms + int(self._sums_activity_penalty())
+
+    def _sums_activity_penalty(self):
+        """Whether the step keeps an activity penalty summed over the batch
+        (Keras < 3.14) in a term of its own, summed over the window.
+
+        With `reduction="sum"` the whole loss is summed over the window
+        already, and a custom `train_step` weights its own gradients.
+        """
+        return (
+            self._reduction == "mean"
+            and not custom_steps.overrides_train_step(self)
+            and _keras_internals.sums_activity_regularisation(self)
         )
 
     def _sync_accumulation_state(self):
@@ -359,7 +376,8 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
 
     def _micro_batch_contribution(self, terms, loss, batch_size, first_in_window):
         """What this micro-batch adds to the window (see `objectives`)."""
-        if len(self._accumulator.gradients) > 1:
+        sets = len(self._accumulator.gradients)
+        if sets - int(self._sums_activity_penalty()) > 1:
             contribute = objectives.per_loss_contribution
         else:
             contribute = objectives.shared_contribution

@@ -139,6 +139,51 @@ def shared_contribution(model, terms, loss, batch_size, first_in_window):
     )
 
 
+def with_summed_activity(model, contribution, penalties):
+    """Moves a summed activity penalty (Keras < 3.14) into a term of its own.
+
+    Those Keras versions add an activity penalty summed over the batch, so
+    one big batch's gradient holds the plain sum of its micro-batches'
+    penalty gradients, while the rest of the loss is divided by the window's
+    normaliser. Weighting the penalty inside the divided term would need
+    that normaliser before the window ends (and, under a strategy, summed
+    over replicas), so the penalty gets an extra accumulator set instead:
+    summed over the window (`divides=False`, normaliser 0), weighted 1 with
+    Keras' 1/replicas scaling divided out, as `replica_scale` does for the
+    averaged terms. That costs one more set of accumulators and a backward
+    pass through the layers below the regularised ones, and only on those
+    Keras versions, for models with an activity regulariser.
+
+    Args:
+        model: The model (its `_aggregate_additional_loss`).
+        contribution: The micro-batch's `MicroBatchContribution`, whose
+            first objective includes the penalties.
+        penalties: The activity penalties recorded in the forward pass.
+
+    Returns:
+        A `MicroBatchContribution` with one more term, last.
+    """
+    objectives = list(contribution.objectives)
+    dtype = objectives[0].dtype
+    penalty = ops.zeros((), dtype)
+    for value in penalties:
+        penalty += ops.cast(
+            _keras_internals.aggregate_additional_loss(model, value), dtype
+        )
+    objectives[0] -= penalty
+    normalisers = contribution.normalisers
+    return MicroBatchContribution(
+        objectives + [penalty],
+        list(contribution.gradient_scales)
+        + [replica_scale(ops.ones((), dtype))],
+        ops.concatenate(
+            [normalisers, ops.zeros((1,), normalisers.dtype)], axis=0
+        ),
+        tuple(contribution.divides) + (False,),
+        contribution.logging_weight,
+    )
+
+
 def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
     """One normaliser per compiled loss term, each over the whole window.
 

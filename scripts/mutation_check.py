@@ -72,6 +72,7 @@ T_NONFINITE = "tests/numerics_test.py::TestNonFiniteGradients"
 
 T_WORKFLOW = "tests/workflows_test.py::test_workflow"
 T_DROPIN = "tests/distributed_dropin_test.py"
+T_NORMALISATION = "tests/normalisation_test.py"
 
 MUTANTS = (
     # Issue 16: distributed drop-in.
@@ -368,6 +369,31 @@ MUTANTS = (
             f"{T_NUMERICS}::"
             "test_loss_scale_overflow_is_skipped_not_accumulated",
             f"{T_NONFINITE}::test_skip_leaves_out_the_micro_batch_exactly",
+        ),
+    ),
+    # Issue 15: activity penalties summed over the batch (Keras < 3.14).
+    # Both are equivalent mutants on Keras >= 3.14: run them with the
+    # Python of a Keras 3.10-3.13 environment (scripts/version_matrix.py).
+    Mutant(
+        "activity-penalty-divided-by-window",
+        "keras_accum/accumulating_model.py",
+        "            and _keras_internals.sums_activity_regularisation(self)\n",
+        "            and False\n",
+        (
+            f"{T_NORMALISATION}::"
+            "test_activity_and_weight_regularisers_count_once",
+            f"{T_NORMALISATION}::"
+            "test_activity_regulariser_with_several_loss_terms",
+        ),
+    ),
+    Mutant(
+        "activity-penalty-replica-scale-kept",
+        "keras_accum/objectives.py",
+        "        + [replica_scale(ops.ones((), dtype))],\n",
+        "        + [ops.ones((), dtype)],\n",
+        (
+            f"{T_NORMALISATION}::"
+            "test_activity_regulariser_under_two_replicas",
         ),
     ),
 )

@@ -262,13 +262,28 @@ class TestMultiOutput:
         assert error > 1e3 * RTOL
 
 
+class _Penalty(keras.regularizers.Regularizer):
+    """`factor * sum(|x| ** power)`, in the input's dtype.
+
+    Not `keras.regularizers.L1/L2`: before Keras 3.14 those keep their
+    factor as a float32 tensor, and fail on float64 weights and outputs.
+    """
+
+    def __init__(self, factor, power):
+        self.factor = factor
+        self.power = power
+
+    def __call__(self, x):
+        return self.factor * ops.sum(ops.power(ops.abs(x), self.power))
+
+
 def _activity_regularised_graph():
     inputs = keras.Input((5,))
     hidden = keras.layers.Dense(
         8, activation="tanh",
         kernel_initializer=keras.initializers.GlorotUniform(seed=1),
-        kernel_regularizer=keras.regularizers.L2(0.05),
-        activity_regularizer=keras.regularizers.L1(0.01),
+        kernel_regularizer=_Penalty(0.05, 2),
+        activity_regularizer=_Penalty(0.01, 1),
     )(inputs)
     outputs = keras.layers.Dense(
         1, kernel_initializer=keras.initializers.GlorotUniform(seed=2)
@@ -277,31 +292,69 @@ def _activity_regularised_graph():
 
 
 @pytest.mark.slice
-@pytest.mark.skipif(
-    _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN,
-    reason="Keras >= 3.14 averages activity regularisation over the batch",
-)
-def test_activity_regulariser_refused_where_keras_sums_it():
-    """Catches a silently wrong update on Keras < 3.14, where activity
-    regularisation is summed over the batch (measured 70% off)."""
-    x, y = helpers.regression_data(64)
-    model = FunctionalAccumulatingModel(
-        *_activity_regularised_graph(), accumulate="epoch"
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("accumulate", ["epoch", 4])
+def test_activity_and_weight_regularisers_count_once(accumulate):
+    """Issue 15: exact on every Keras in the matrix. Before Keras 3.14 the
+    activity penalty is summed over the batch (a term summed over the
+    window), from 3.14 averaged (weighted like the loss); the weight
+    penalty counts once per update either way. 1000 examples in batches
+    of 64: the last window (4 batches) ends with a ragged one."""
+    x, y = helpers.regression_data(1000)
+    error, naive_error = _exact_and_naive_fails(
+        _activity_regularised_graph, (x, y, None), accumulate, 64,
+        {"loss": "mse"},
     )
-    model.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match="activity-regularisation"):
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    print(f"Keras {keras.version()}, accumulate={accumulate}: relative "
+          f"error {error:.3g}, naive {naive_error:.3g}")
+
+
+def _activity_regularised_two_outputs():
+    inputs, hidden = _activity_regularised_graph()
+    score = keras.layers.Dense(
+        1, name="score",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=3),
+    )(inputs)
+    return inputs, {"value": hidden, "score": score}
 
 
 @pytest.mark.slice
-@pytest.mark.skipif(
-    not _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN,
-    reason="Keras < 3.14 sums activity regularisation (refused, see above)",
-)
 @pytest.mark.usefixtures("float64")
-def test_activity_and_weight_regularisers_count_once():
+def test_activity_regulariser_with_several_loss_terms():
+    """The summed activity term (Keras < 3.14) comes after the per-output
+    terms, each normalised by its own window total."""
     x, y = helpers.regression_data(1000)
+    weights = np.random.default_rng(7).uniform(0.0, 3.0, size=1000)
+    data = (x, {"value": y, "score": y},
+            {"value": np.ones(1000), "score": weights})
+    loss = keras.losses.MeanSquaredError(reduction="mean_with_sample_weight")
     _exact_and_naive_fails(
-        _activity_regularised_graph, (x, y, None), "epoch", 64,
-        {"loss": "mse"},
+        _activity_regularised_two_outputs, data, 4, 64,
+        {"loss": {"value": "mse", "score": loss},
+         "loss_weights": {"value": 1.0, "score": 0.5}},
     )
+
+
+@pytest.mark.slice
+@pytest.mark.usefixtures("float64")
+def test_activity_regulariser_under_two_replicas():
+    """Each replica's penalty is over its shard, scaled by 1/replicas in
+    its loss: the window still equals one big batch on one device."""
+    import tensorflow as tf
+
+    x, y = helpers.regression_data(1000)
+    expected = _reference(_activity_regularised_graph, (x, y, None), 4, 64,
+                          {"loss": "mse"})
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
+    with strategy.scope():
+        model = FunctionalAccumulatingModel(
+            *_activity_regularised_graph(), accumulate=4
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+    model.fit(dataset, epochs=2, shuffle=False, verbose=0)
+    error = helpers.relative_error(model.get_weights(), expected)
+    assert error <= RTOL, f"relative error {error:.3g}"

@@ -228,8 +228,12 @@ class JAXAccumulationTrainer:
         first_in_window = window.mini_step == 0
         static = {}
 
+        summed_activity = self._sums_activity_penalty()
+
         def weighted_objectives(trainable):
-            with record_loss_normalisers() as terms:
+            with _keras_internals.record_activity_regularisation(
+                self if summed_activity else None
+            ) as penalties, record_loss_normalisers() as terms:
                 _, (loss, y_pred, new_non_trainable, new_metrics) = (
                     self.compute_loss_and_updates(
                         trainable,
@@ -250,6 +254,10 @@ class JAXAccumulationTrainer:
                 contribution = self._micro_batch_contribution(
                     terms, loss, batch_size, first_in_window
                 )
+                if summed_activity:
+                    contribution = objectives.with_summed_activity(
+                        self, contribution, penalties
+                    )
             static["divides"] = contribution.divides
             weighted = ops.stack(
                 [

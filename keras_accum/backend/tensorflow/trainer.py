@@ -133,11 +133,15 @@ class TensorFlowAccumulationTrainer:
         # not built yet) may turn out to be several.
         per_loss = self._loss_terms() != 1
 
+        summed_activity = self._sums_activity_penalty()
         with tf.GradientTape(persistent=per_loss) as tape:
-            if self._call_has_training_arg:
-                y_pred = self(x, training=True)
-            else:
-                y_pred = self(x)
+            with _keras_internals.record_activity_regularisation(
+                self if summed_activity else None
+            ) as penalties:
+                if self._call_has_training_arg:
+                    y_pred = self(x, training=True)
+                else:
+                    y_pred = self(x)
             with record_loss_normalisers() as terms:
                 loss = _keras_internals.compute_loss(
                     self,
@@ -156,6 +160,10 @@ class TensorFlowAccumulationTrainer:
                 batch_size,
                 first_in_window=self._accumulator.mini_step.value == 0,
             )
+            if summed_activity:
+                contribution = objectives.with_summed_activity(
+                    self, contribution, penalties
+                )
             logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
             logging_weight = contribution.logging_weight
             skip = self._on_nonfinite == "skip"
