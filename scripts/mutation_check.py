@@ -93,9 +93,10 @@ MUTANTS = (
     Mutant(
         "replica-count-not-cancelled-exactly",
         "keras_accum/objectives.py",
-        "    return tf.stop_gradient(normaliser) / applied\n",
-        "    return tf.stop_gradient(normaliser) * tf.cast(\n"
-        "        tf.distribute.get_strategy().num_replicas_in_sync,\n"
+        "    return ops.stop_gradient(normaliser) / applied\n",
+        "    return ops.stop_gradient(normaliser) * ops.cast(\n"
+        "        __import__(\"tensorflow\").distribute.get_strategy()\n"
+        "        .num_replicas_in_sync,\n"
         "        normaliser.dtype,\n"
         "    )\n",
         (
@@ -105,7 +106,7 @@ MUTANTS = (
     ),
     Mutant(
         "skip-per-replica-shard",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/backend/tensorflow/trainer.py",
         "    if context is None or context.num_replicas_in_sync == 1:\n"
         "        return finite\n",
         "    if True:\n"
@@ -126,7 +127,7 @@ MUTANTS = (
     ),
     Mutant(
         "zero-gradient-for-weights-without-one",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/backend/tensorflow/trainer.py",
         "        exists = plan.gradient_exists or (True,) * len(gradients)\n",
         "        exists = (True,) * len(gradients)\n",
         (f"{T_WORKFLOW}[head-without-loss-adamw]",),
@@ -166,10 +167,10 @@ MUTANTS = (
         "keras_accum/objectives.py",
         "        [loss],\n"
         "        [replica_scale(normaliser)],\n"
-        "        tf.reshape(normaliser, (1,)),",
+        "        ops.reshape(normaliser, (1,)),",
         "        [loss],\n"
-        "        [tf.cast(replicas, dtype)],\n"
-        "        tf.ones((1,), dtype),",
+        "        [ops.cast(replicas, dtype)],\n"
+        "        ops.ones((1,), dtype),",
         (
             f"{T_EXACT}::test_epoch_mode_with_ragged_last_batch",
             f"{T_NUMERICS}::test_mixed_precision_close_to_float32_big_batch",
@@ -201,7 +202,7 @@ MUTANTS = (
     ),
     Mutant(
         "iterations-per-micro-step",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/backend/tensorflow/trainer.py",
         "        self._accumulator.add(term_gradients, "
         "contribution.normalisers)\n"
         "        self._accumulator.count_micro_batch()\n",
@@ -216,7 +217,7 @@ MUTANTS = (
     ),
     Mutant(
         "no-reset-after-update",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/backend/tensorflow/trainer.py",
         "        optimizer.apply(gradients, accumulator.variables)\n"
         "        accumulator.reset()\n",
         "        optimizer.apply(gradients, accumulator.variables)\n",
@@ -225,8 +226,8 @@ MUTANTS = (
     Mutant(
         "regularisation-per-micro-batch",
         "keras_accum/objectives.py",
-        "    later = 1.0 - tf.cast(first_in_window, loss.dtype)",
-        "    later = 0.0 * tf.cast(first_in_window, loss.dtype)",
+        "    later = 1.0 - ops.cast(first_in_window, loss.dtype)",
+        "    later = 0.0 * ops.cast(first_in_window, loss.dtype)",
         (
             "tests/normalisation_test.py::"
             "test_every_reduction_with_sample_weights[epoch-sum]",
@@ -235,8 +236,8 @@ MUTANTS = (
     Mutant(
         "no-replica-scaling",
         "keras_accum/objectives.py",
-        "    return tf.stop_gradient(normaliser) / applied\n",
-        "    return tf.stop_gradient(normaliser)\n",
+        "    return ops.stop_gradient(normaliser) / applied\n",
+        "    return ops.stop_gradient(normaliser)\n",
         (
             "tests/distribution_test.py::TestMirroredStrategy::"
             "test_sgd_update_matches_single_device_big_batch",
@@ -244,7 +245,7 @@ MUTANTS = (
     ),
     Mutant(
         "nonfinite-window-applied",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/backend/tensorflow/trainer.py",
         "normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)",
         "normalisers, finite = totals[:-1], tf.constant(True)",
         (
@@ -362,7 +363,7 @@ MUTANTS = (
     ),
     Mutant(
         "overflowed-micro-batch-normaliser-counted",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/backend/tensorflow/trainer.py",
         "            tf.math.multiply_no_nan(normalisers, keep),\n",
         "            normalisers,\n",
         (
