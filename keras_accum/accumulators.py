@@ -107,6 +107,7 @@ class GradientAccumulator:
                         "_gradient_accumulator"
                     ),
                     **_LOCAL_SUM,
+                    **self._placement(v),
                 )
                 for v in trainable_variables
             ]
@@ -127,6 +128,11 @@ class GradientAccumulator:
         # is skipped whole), so the first replica's count is the count.
         self.skipped = self._counter("skipped_micro_batches")
         self.built = True
+
+    def _placement(self, variable):
+        """Extra `keras.Variable` arguments placing the accumulator of
+        `variable` (a backend may shard it as `variable`)."""
+        return {}
 
     @staticmethod
     def _counter(name, initial=0):

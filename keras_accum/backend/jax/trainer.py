@@ -92,6 +92,12 @@ class Window(collections.namedtuple(
 class JAXGradientAccumulator(GradientAccumulator):
     """`GradientAccumulator` with eager updates between jitted steps."""
 
+    def _placement(self, variable):
+        # Sharded as its weight, as Keras places optimizer slots
+        # (`add_variable_from_reference`): under `ModelParallel` a micro-step
+        # adds each gradient shard where it already is.
+        return {"layout": getattr(variable, "_layout", None)}
+
     def reset(self):
         """Zeroes the gradient sums, normalisers and the window counter."""
         for variable in [v for term in self.gradients for v in term] + [
