@@ -1,4 +1,4 @@
-"""Exact gradient accumulation for Keras 3 on TensorFlow."""
+"""Exact gradient accumulation for Keras 3 on TensorFlow and JAX."""
 
 from keras_accum import loss_normalisers as _loss_normalisers  # noqa: F401
 from keras_accum.accumulating_model import AccumulatingModel

@@ -48,6 +48,10 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
     measured on its mini-batches, i.e. at the weights the window started from;
     in epoch mode that is the full-data loss at the epoch's starting weights.
 
+    The train step is the backend's (`keras_accum/backend/<name>/`):
+    TensorFlow (`tf.distribute` strategies) or JAX (`keras.distribution`),
+    with the same semantics.
+
     Use it like `keras.Model`: functionally,
     `AccumulatingModel(inputs, outputs, accumulate=4)`, or as a base class
     whose `__init__` passes `**kwargs` to `super().__init__`.
@@ -76,8 +80,8 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
     Raises:
         TypeError: if `accumulate` is neither `"epoch"` nor an int.
         ValueError: if `accumulate` is an int < 1 or another string, if
-            `reduction` is not `"mean"` or `"sum"`, or if Keras does not use
-            the TensorFlow backend.
+            `reduction` is not `"mean"` or `"sum"`, or if Keras runs on a
+            backend other than TensorFlow or JAX.
 
     Example:
 
@@ -386,8 +390,10 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
     def accumulate_gradients(self, gradients, normaliser):
         """Adds one mini-batch's gradients to the window, from a custom step.
 
-        For subclasses that override `train_step`: call it instead of
-        `optimizer.apply`. The gradients are added to the accumulators,
+        For subclasses that override `train_step` on TensorFlow: call it
+        instead of `optimizer.apply`. (On JAX, where a step is pure, a
+        custom `train_step(self, state, data)` accumulates through
+        `super().train_step(state, data)`.) The gradients are added to the accumulators,
         weighted by `normaliser`, and the window is applied as usual (when
         it is full, or at epoch end), divided by the window's summed
         normaliser. The applied gradient is then exactly that of the loss
@@ -408,6 +414,7 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         Raises:
             ValueError: if `gradients` does not have one entry per
                 trainable variable.
+            NotImplementedError: on the JAX backend.
 
         Example:
 
@@ -477,6 +484,8 @@ class _StepFunctions:
             count, incremented at trace time; see `custom_steps`).
         tracing: Whether a JAX step is being traced (accumulators may not
             be created then).
+        purged: On JAX, `(variable, value)` pairs `fit` purged, kept until
+            the state is synced back (see the JAX trainer).
     """
 
     def __init__(self):
@@ -485,6 +494,7 @@ class _StepFunctions:
         self.xla_window_update = None
         self.accumulations = 0
         self.tracing = False
+        self.purged = []
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")

@@ -51,22 +51,34 @@ def checked_train_step(train_step):
     def wrapped(self, *args):
         # `(data)` on TensorFlow, `(state, data)` on JAX.
         before = self._functions.accumulations
-        result = train_step(self, *args)
+        try:
+            result = train_step(self, *args)
+        except Exception as error:
+            # On JAX the state holds the accumulators after the optimizer's
+            # variables, so a step that hands it to the optimizer itself
+            # fails inside Keras; say why instead.
+            if len(args) == 2 and self._functions.accumulations == before:
+                raise _refusal(self, "raised before accumulating") from error
+            raise
         if self._functions.accumulations == before and self.accumulate != 1:
-            raise TypeError(
-                f"`{type(self).__name__}.train_step` overrides "
-                "`AccumulatingModel.train_step` and accumulated no gradient, "
-                "so its updates would ignore "
-                f"accumulate={self.accumulate!r}. From a custom "
-                "`train_step`, pass each mini-batch's gradients to "
-                "`self.accumulate_gradients(gradients, normaliser)` instead "
-                "of calling the optimizer (the window is then applied as "
-                "usual), or call `super().train_step(data)`. For a step "
-                "that applies its own updates, subclass `keras.Model` or "
-                "pass accumulate=1. Received: a `train_step` that did "
-                "neither"
-            )
+            raise _refusal(self, "did neither")
         return result
 
     setattr(wrapped, _CHECKED, True)
     return wrapped
+
+
+def _refusal(model, received):
+    return TypeError(
+        f"`{type(model).__name__}.train_step` overrides "
+        "`AccumulatingModel.train_step` and accumulated no gradient, "
+        "so its updates would ignore "
+        f"accumulate={model.accumulate!r}. From a custom "
+        "`train_step`, call `super().train_step(...)`, or on TensorFlow "
+        "pass each mini-batch's gradients to "
+        "`self.accumulate_gradients(gradients, normaliser)` instead "
+        "of calling the optimizer (the window is then applied as "
+        "usual). For a step that applies its own updates, subclass "
+        "`keras.Model` or pass accumulate=1. Received: a `train_step` "
+        f"that {received}"
+    )

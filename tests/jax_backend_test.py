@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from keras_accum import AccumulatingModel
+from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
@@ -170,3 +171,39 @@ def test_mixed_bfloat16_accumulates_in_float32():
     )
     assert int(model.optimizer.iterations.numpy()) == 2
     assert np.all(np.isfinite(model.get_weights()[0]))
+
+
+class _LoggingStep(FunctionalAccumulatingModel):
+    """A custom JAX step that accumulates through `super()`."""
+
+    def train_step(self, state, data):
+        logs, state = super().train_step(state, data)
+        return {**logs, "extra": keras.ops.ones(())}, state
+
+
+class _OwnUpdates(FunctionalAccumulatingModel):
+    """A custom JAX step that applies its own update: plain Keras' step."""
+
+    def train_step(self, state, data):
+        return keras.Model.train_step(self, state, data)
+
+
+@pytest.mark.usefixtures("float64")
+def test_custom_step_through_super_is_exact():
+    x, y = _data()
+    model = _LoggingStep(*helpers.dense_graph(), accumulate=3)
+    model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
+    history = model.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False,
+                        verbose=0)
+    assert "extra" in history.history
+    error = helpers.relative_error(model.get_weights(), _big_batch(3))
+    assert error <= RTOL, f"relative error {error:.3g}"
+
+
+def test_custom_step_that_does_not_accumulate_is_refused():
+    x, y = _data()
+    model = _OwnUpdates(*helpers.dense_graph(), accumulate=3)
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(TypeError, match="accumulated no gradient"):
+        model.fit(x, y, batch_size=MICRO, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 0

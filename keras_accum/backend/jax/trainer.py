@@ -161,6 +161,11 @@ class JAXAccumulationTrainer:
             if optimizer_variables and self._window_in_state()
             else []
         )
+        if purge_model_variables:
+            self._keep_purged_values(
+                trainable_variables, non_trainable_variables,
+                optimizer_variables, metrics_variables,
+            )
         state = super()._get_jax_state(
             trainable_variables=trainable_variables,
             non_trainable_variables=non_trainable_variables,
@@ -187,6 +192,39 @@ class JAXAccumulationTrainer:
             ):
                 variable.assign(value)
         super().jax_state_sync()
+        self._restore_purged_values()
+
+    def _keep_purged_values(self, trainable, non_trainable, optimizer,
+                            metrics):
+        """Keeps the values `fit` is about to purge from the variables.
+
+        Keras purges the variables when it takes the state and reattaches
+        the state a step returns. If the first step fails (e.g. a custom
+        `train_step` refused while traced), no state was returned and the
+        purged weights would be lost; `_restore_purged_values` puts them
+        back.
+        """
+        groups = [
+            (trainable, self.trainable_variables),
+            (non_trainable, self.non_trainable_variables),
+            (optimizer, self.optimizer.variables if optimizer else []),
+            (optimizer, self._accumulator.state_variables()),
+            (metrics, self.metrics_variables),
+        ]
+        self._functions.purged = [
+            (variable, variable._value)
+            for taken, variables in groups if taken
+            for variable in variables
+            if variable._value is not None
+        ]
+
+    def _restore_purged_values(self):
+        for variable, value in self._functions.purged:
+            # A value a step consumed (donated) is deleted; the state the
+            # step returned was reattached instead.
+            if variable._value is None and not value.is_deleted():
+                variable._value = value
+        self._functions.purged = []
 
     def _get_state_sharding_spec(self):
         trainable, non_trainable, optimizer, metrics = (
