@@ -13,6 +13,7 @@ from keras_accum import distribute_utils
 from keras_accum import loss_scale
 from keras_accum import objectives
 from keras_accum import validation
+from keras_accum import window_loss
 from keras_accum._keras_internals import Functional
 from keras_accum._keras_internals import functional_init_arguments
 from keras_accum.accumulators import GradientAccumulator
@@ -235,6 +236,8 @@ class AccumulatingModel(keras.Model):
         optimizer = keras.optimizers.get(optimizer)
         validation.validate_optimizer(optimizer)
         super().compile(optimizer, *args, **kwargs)
+        # Logs several loss terms exactly; a `Mean` for everything else.
+        self._loss_tracker = window_loss.WindowLoss(name="loss")
         self._functions = _StepFunctions()
 
     def compile_from_config(self, config):
@@ -378,6 +381,7 @@ class AccumulatingModel(keras.Model):
         terms = self._loss_terms()
         if terms is None:
             return  # Built on the first trace, once the loss is built.
+        window_loss.build_for(_keras_internals.loss_tracker(self), terms)
         accumulator = self._accumulator
         if accumulator.matches(trainable_variables, terms):
             return
@@ -470,18 +474,16 @@ class AccumulatingModel(keras.Model):
             # After the forward pass and the loss, which build a subclassed
             # model's layers and the compiled loss on the first trace.
             self._sync_accumulation_state()
+            first_in_window = self._accumulator.mini_step.value == 0
             contribution = self._micro_batch_contribution(
-                terms,
-                loss,
-                batch_size,
-                first_in_window=self._accumulator.mini_step.value == 0,
+                terms, loss, batch_size, first_in_window
             )
             logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
-            logging_weight = contribution.logging_weight
             skip = self._on_nonfinite == "skip"
             if not skip:
-                _keras_internals.loss_tracker(self).update_state(
-                    logged_loss, sample_weight=logging_weight
+                window_loss.log_micro_batch(
+                    _keras_internals.loss_tracker(self), logged_loss,
+                    contribution, first_in_window,
                 )
             dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
             if dynamic_scaling:
@@ -518,9 +520,9 @@ class AccumulatingModel(keras.Model):
         if skip:
             # A skipped micro-batch is left out of the logged loss too, on
             # every replica.
-            _keras_internals.loss_tracker(self).update_state(
-                tf.where(kept, logged_loss, 0.0),
-                sample_weight=tf.where(kept, logging_weight, 0.0),
+            window_loss.log_micro_batch(
+                _keras_internals.loss_tracker(self), logged_loss,
+                contribution, first_in_window, kept=kept,
             )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if distribute_utils.is_multi_worker(self.distribute_strategy):

@@ -769,17 +769,7 @@ def _describe(errors, outcome, reference):
 
 # Known, documented gaps: strict, so a fix shows up as an XPASS to remove.
 KNOWN_GAPS = {
-    "mixed-reductions-sum-and-mean": (
-        "weights exact (8e-17); the logged training loss of several loss "
-        "terms is the first term's normaliser-weighted mean of micro-batch "
-        "losses, not the big batch's loss (0.57 relative here)"
-    ),
-    "mean-with-sample-weight-per-output": (
-        "weights 5e-8 relative (SGD: 5e-7), above 1e-9 and not yet "
-        "explained (the same losses and per-output weights in a standalone "
-        "script, and the traced reference, give 2e-15); the logged loss "
-        "differs as for mixed reductions (0.05)"
-    ),
+    # "row-name": "what differs, by how much, and what was ruled out",
 }
 
 
