@@ -183,8 +183,8 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             normalisers.append(normaliser)
             divides.append(True)
     rest = loss - compiled_total
-    logged_terms = _logged_terms(model, objectives + [rest], normalisers,
-                                 batch_size)
+    logged_terms = _logged_terms(model, objectives, divides, rest,
+                                 normalisers, batch_size)
     if divides[0]:
         objectives[0] += rest
     else:
@@ -197,7 +197,7 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
     )
 
 
-def _logged_terms(model, values, normalisers, batch_size):
+def _logged_terms(model, values, divides, rest, normalisers, batch_size):
     """Each term's loss and normaliser, for the exact logged window loss.
 
     The big batch's loss is each term's window sum over its window
@@ -206,9 +206,21 @@ def _logged_terms(model, values, normalisers, batch_size):
     window and activity regularisation is a mean over examples, so the rest
     is averaged over the window's examples. `reduction="sum"` has no big
     batch to match and keeps the shared logging.
+
+    Keras divides averaged terms and the rest by the replica count under a
+    strategy, not summed terms: only the former are unscaled, so that the
+    replicas' sums add up to the global batch's.
     """
     if model.reduction == "sum":
         return None
-    examples = tf.cast(batch_size, values[-1].dtype)
-    values = _keras_internals.unscale_loss_for_distribution(tf.stack(values))
-    return (values, tf.stack(normalisers + [examples]), examples)
+    unscale = _keras_internals.unscale_loss_for_distribution
+    values = [
+        unscale(value) if divided else value
+        for value, divided in zip(values, divides)
+    ]
+    examples = tf.cast(batch_size, rest.dtype)
+    return (
+        tf.stack(values + [unscale(rest)]),
+        tf.stack(normalisers + [examples]),
+        examples,
+    )

@@ -27,7 +27,7 @@ class WindowLoss(keras.metrics.Mean):
     takes micro-batches term by term through `update_window`. A window's
     loss is `sum_t A_t / D_t`, where `A_t` is term `t`'s weighted sum over
     the window's micro-batches and `D_t` its summed normaliser (a term with
-    `D_t == 0`, a summed one or one with no valid entry, counts `A_t`), as
+    `D_t == 0`, a summed term or one with no valid entry, counts `A_t`), as
     Keras computes it on the window's examples as one batch. When the next
     window starts, the finished one enters the mean with its number of
     examples as weight, as `fit` weights a big batch; `result()` includes
@@ -123,7 +123,7 @@ class WindowLoss(keras.metrics.Mean):
         # `values * normalisers` is the term's weighted sum; a summed term
         # (normaliser 0) adds its value itself.
         sums = ops.where(
-            ops.greater(normalisers, 0), values * normalisers, values
+            ops.not_equal(normalisers, 0), values * normalisers, values
         )
         self.window_sums.assign(keep * self.window_sums + sums)
         self.window_normalisers.assign(
@@ -135,7 +135,7 @@ class WindowLoss(keras.metrics.Mean):
         sums = ops.convert_to_tensor(self.window_sums)
         normalisers = ops.convert_to_tensor(self.window_normalisers)
         per_term = ops.where(
-            ops.greater(normalisers, 0),
+            ops.not_equal(normalisers, 0),
             ops.divide_no_nan(sums, normalisers),
             sums,
         )
