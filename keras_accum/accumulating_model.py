@@ -237,7 +237,7 @@ class AccumulatingModel(keras.Model):
         validation.validate_optimizer(optimizer)
         super().compile(optimizer, *args, **kwargs)
         # Logs several loss terms exactly; a `Mean` for everything else.
-        self._loss_tracker = window_loss.WindowLoss(name="loss")
+        _keras_internals.set_loss_tracker(self, window_loss.WindowLoss())
         self._functions = _StepFunctions()
 
     def compile_from_config(self, config):

@@ -96,7 +96,7 @@ def _graph():
     return inputs, outputs
 
 
-def _compile(model):
+def _compile(model, **kwargs):
     # Made here, not at import: a `Loss` takes floatx when constructed.
     model.compile(
         optimizer=keras.optimizers.SGD(0.1),
@@ -107,6 +107,7 @@ def _compile(model):
             ),
         },
         loss_weights={"a": 0.5, "b": 2.0},
+        **kwargs,
     )
 
 
@@ -129,10 +130,11 @@ class TestLoggedLossOfSeveralTerms:
     logged loss was the micro-batch losses' mean weighted by the first
     term's normaliser, 0.5 relative away from the big batch's."""
 
-    def test_epoch_mode_logs_the_big_batch_loss(self):
+    @pytest.mark.parametrize("jit_compile", [False, True])
+    def test_epoch_mode_logs_the_big_batch_loss(self, jit_compile):
         x, y, sample_weight = _data()
         model = AccumulatingModel(*_graph(), accumulate="epoch")
-        _compile(model)
+        _compile(model, jit_compile=jit_compile)
         history = model.fit(x, y, sample_weight=sample_weight,
                             batch_size=MICRO, epochs=2, shuffle=False,
                             verbose=0)
@@ -175,3 +177,14 @@ class TestLoggedLossOfSeveralTerms:
             history.history["loss"], _big_batch_losses(x, y, sample_weight),
             rtol=RTOL,
         )
+
+
+def test_compile_installs_the_tracker_once():
+    """Catches the tracker tracked as a user metric too (`loss` listed
+    twice in `model.metrics`)."""
+    inputs = keras.Input((3,))
+    model = AccumulatingModel(inputs, keras.layers.Dense(1)(inputs),
+                              accumulate=2)
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    assert isinstance(model._loss_tracker, WindowLoss)
+    assert [m.name for m in model.metrics] == ["loss", "compile_metrics"]
