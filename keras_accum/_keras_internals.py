@@ -76,6 +76,7 @@ try:
     from keras.src.losses import loss as _loss_module
     from keras.src.models import functional as _functional_module
     from keras.src.models import model as _model_module
+    from keras.src.utils import tracking as _tracking
 except ImportError as error:  # pragma: no cover - only on a foreign Keras
     raise _missing(f"keras.src ({error.name})") from None
 
@@ -396,6 +397,22 @@ def loss_tracker(model):
     if tracker is None:
         raise _missing("keras.Model._loss_tracker")
     return tracker
+
+
+_require(_tracking, "DotNotTrackScope",
+         "keras.src.utils.tracking.DotNotTrackScope")
+
+
+def set_loss_tracker(model, tracker):
+    """Replaces `Trainer._loss_tracker`, untracked like Keras' own.
+
+    `Trainer.compile` sets it under `no_automatic_dependency_tracking`
+    (`keras.src.utils.tracking.DotNotTrackScope`); set plainly, the layer's
+    tracker would also add it to `model._metrics`, and `model.metrics` would
+    list `loss` twice. Checked on Keras 3.10.0 to 3.15.1.
+    """
+    with _tracking.DotNotTrackScope():
+        model._loss_tracker = tracker
 
 
 def compiled_losses(model):

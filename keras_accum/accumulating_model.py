@@ -9,6 +9,7 @@ from keras_accum import _keras_internals
 from keras_accum import custom_steps
 from keras_accum import objectives
 from keras_accum import validation
+from keras_accum import window_loss
 from keras_accum._keras_internals import Functional
 from keras_accum._keras_internals import functional_init_arguments
 from keras_accum.backend import AccumulationTrainer
@@ -235,6 +236,8 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         optimizer = keras.optimizers.get(optimizer)
         validation.validate_optimizer(optimizer)
         super().compile(optimizer, *args, **kwargs)
+        # Logs several loss terms exactly; a `Mean` for everything else.
+        _keras_internals.set_loss_tracker(self, window_loss.WindowLoss())
         self._functions = _StepFunctions()
 
     def compile_from_config(self, config):
@@ -328,6 +331,7 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         terms = self._loss_terms()
         if terms is None:
             return  # Built on the first trace, once the loss is built.
+        window_loss.build_for(_keras_internals.loss_tracker(self), terms)
         accumulator = self._accumulator
         if accumulator.matches(trainable_variables, terms):
             return

@@ -57,6 +57,10 @@ class MicroBatchContribution:
         divides: Static tuple of bools: whether term `t`'s window sum is
             divided by its summed normaliser.
         logging_weight: Weight of this micro-batch in the logged epoch loss.
+        logged_terms: `None` to log the loss weighted by `logging_weight`,
+            or `(values, normalisers, examples)` for
+            `window_loss.WindowLoss.update_window`: several terms, whose
+            window loss needs each term's own sums.
     """
 
     objectives: list
@@ -64,6 +68,7 @@ class MicroBatchContribution:
     normalisers: object
     divides: tuple
     logging_weight: object
+    logged_terms: object = None
 
 
 def _regularisation_loss(model, dtype):
@@ -223,6 +228,8 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
             normalisers.append(normaliser)
             divides.append(True)
     rest = loss - compiled_total
+    logged_terms = _logged_terms(model, objectives, divides, rest,
+                                 normalisers, batch_size)
     if divides[0]:
         objectives[0] += rest
     else:
@@ -231,4 +238,34 @@ def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
     return MicroBatchContribution(
         objectives, scales, ops.stack(normalisers), tuple(divides),
         logging_weight,
+        logged_terms=logged_terms,
+    )
+
+
+def _logged_terms(model, values, divides, rest, normalisers, batch_size):
+    """Each term's loss and normaliser, for the exact logged window loss.
+
+    The big batch's loss is each term's window sum over its window
+    normaliser, plus the rest (regularisation, `add_loss`), which Keras adds
+    per batch: weight regularisation is the same for every micro-batch of a
+    window and activity regularisation is a mean over examples, so the rest
+    is averaged over the window's examples. `reduction="sum"` has no big
+    batch to match and keeps the shared logging.
+
+    Keras divides averaged terms and the rest by the replica count under a
+    strategy, not summed terms: only the former are unscaled, so that the
+    replicas' sums add up to the global batch's.
+    """
+    if model.reduction == "sum":
+        return None
+    unscale = _keras_internals.unscale_loss_for_distribution
+    values = [
+        unscale(value) if divided else value
+        for value, divided in zip(values, divides)
+    ]
+    examples = tf.cast(batch_size, rest.dtype)
+    return (
+        tf.stack(values + [unscale(rest)]),
+        tf.stack(normalisers + [examples]),
+        examples,
     )

@@ -24,6 +24,7 @@ from keras_accum import _keras_internals
 from keras_accum import custom_steps
 from keras_accum import objectives
 from keras_accum import validation
+from keras_accum import window_loss
 from keras_accum.accumulators import GradientAccumulator
 from keras_accum.loss_normalisers import record_loss_normalisers
 from keras_accum.window_plan import WindowPlan
@@ -314,7 +315,7 @@ class JAXAccumulationTrainer:
             return weighted, (
                 loss,
                 contribution.normalisers,
-                contribution.logging_weight,
+                (contribution.logging_weight, contribution.logged_terms),
                 y_pred,
                 new_non_trainable,
                 new_metrics,
@@ -323,7 +324,7 @@ class JAXAccumulationTrainer:
         weighted, pullback, aux = jax.vjp(
             weighted_objectives, trainable, has_aux=True
         )
-        loss, normalisers, logging_weight, y_pred, non_trainable, metrics = aux
+        loss, normalisers, logging, y_pred, non_trainable, metrics = aux
         # One backward pass per loss term, from one forward pass.
         basis = jnp.eye(weighted.shape[0], dtype=weighted.dtype)
         term_gradients = [pullback(direction)[0] for direction in basis]
@@ -331,11 +332,13 @@ class JAXAccumulationTrainer:
         window, kept = self._add_micro_batch(
             window, term_gradients, normalisers, loss
         )
+        logged = objectives.MicroBatchContribution(
+            None, None, normalisers, static["divides"], *logging
+        )
         # A skipped micro-batch is left out of the logged loss too.
         logs, metrics = self._update_logs(
-            metrics,
-            jnp.where(kept > 0, loss, jnp.zeros_like(loss)),
-            logging_weight * kept.astype(logging_weight.dtype),
+            metrics, loss, logged, first_in_window,
+            kept > 0 if self._on_nonfinite == "skip" else None,
             x, y, y_pred, sample_weight,
         )
         if self._schedule.value != validation.EPOCH:
@@ -403,15 +406,16 @@ class JAXAccumulationTrainer:
         )
         return window, kept
 
-    def _update_logs(self, metrics, loss, logging_weight, x, y, y_pred,
-                     sample_weight):
+    def _update_logs(self, metrics, loss, contribution, first_in_window,
+                     kept, x, y, y_pred, sample_weight):
         """Keras' `_update_metrics_variables`, with the micro-batch's loss
-        weighted by its share of the window (see `objectives`)."""
+        logged by its share of the window (see `window_loss`)."""
         with keras.StatelessScope(
             state_mapping=list(zip(self.metrics_variables, metrics))
         ) as scope:
-            _keras_internals.loss_tracker(self).update_state(
-                loss, sample_weight=logging_weight
+            window_loss.log_micro_batch(
+                _keras_internals.loss_tracker(self), loss, contribution,
+                first_in_window, kept=kept,
             )
             logs = self.compute_metrics(x, y, y_pred, sample_weight)
         metrics = [

@@ -8,6 +8,7 @@ from keras_accum import _keras_internals
 from keras_accum import custom_steps
 from keras_accum import objectives
 from keras_accum import validation
+from keras_accum import window_loss
 from keras_accum.backend.tensorflow import distribute
 from keras_accum.backend.tensorflow import loss_scale
 from keras_accum.backend.tensorflow.accumulators import (
@@ -154,22 +155,20 @@ class TensorFlowAccumulationTrainer:
             # After the forward pass and the loss, which build a subclassed
             # model's layers and the compiled loss on the first trace.
             self._sync_accumulation_state()
+            first_in_window = self._accumulator.mini_step.value == 0
             contribution = self._micro_batch_contribution(
-                terms,
-                loss,
-                batch_size,
-                first_in_window=self._accumulator.mini_step.value == 0,
+                terms, loss, batch_size, first_in_window
             )
             if summed_activity:
                 contribution = objectives.with_summed_activity(
                     self, contribution, penalties
                 )
             logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
-            logging_weight = contribution.logging_weight
             skip = self._on_nonfinite == "skip"
             if not skip:
-                _keras_internals.loss_tracker(self).update_state(
-                    logged_loss, sample_weight=logging_weight
+                window_loss.log_micro_batch(
+                    _keras_internals.loss_tracker(self), logged_loss,
+                    contribution, first_in_window,
                 )
             dynamic_scaling = loss_scale.is_dynamic(self.optimizer)
             if dynamic_scaling:
@@ -206,9 +205,9 @@ class TensorFlowAccumulationTrainer:
         if skip:
             # A skipped micro-batch is left out of the logged loss too, on
             # every replica.
-            _keras_internals.loss_tracker(self).update_state(
-                tf.where(kept, logged_loss, 0.0),
-                sample_weight=tf.where(kept, logging_weight, 0.0),
+            window_loss.log_micro_batch(
+                _keras_internals.loss_tracker(self), logged_loss,
+                contribution, first_in_window, kept=kept,
             )
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if distribute.is_multi_worker(self.distribute_strategy):
