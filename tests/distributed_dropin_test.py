@@ -169,9 +169,9 @@ class TestSparseGradients:
             return original(value, *args, **kwargs)
 
         monkeypatch.setattr(tf, "convert_to_tensor", spy)
-        from keras_accum import accumulators
+        from keras_accum.backend.tensorflow import accumulators
 
-        accumulator = accumulators.GradientAccumulator()
+        accumulator = accumulators.TensorFlowGradientAccumulator()
         table = keras.Variable(np.zeros((4, 2)), dtype="float64")
         accumulator.build([table], "float64")
         gradient = tf.IndexedSlices(
