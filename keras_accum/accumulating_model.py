@@ -270,6 +270,15 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             layer.built for layer in _keras_internals.all_layers(self)
         )
 
+    def _ready_to_accumulate(self):
+        """Whether the accumulators can be built now: the step accumulates,
+        and the model and its optimizer exist."""
+        return (
+            self._accumulates_in_step()
+            and getattr(self, "optimizer", None) is not None
+            and self._all_layers_built()
+        )
+
     def _accumulates_in_step(self):
         """Whether the train step accumulates (not plain Keras training)."""
         return self._schedule.value != 1 or custom_steps.overrides_train_step(

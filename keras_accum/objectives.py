@@ -263,9 +263,9 @@ def _logged_terms(model, values, divides, rest, normalisers, batch_size):
         unscale(value) if divided else value
         for value, divided in zip(values, divides)
     ]
-    examples = tf.cast(batch_size, rest.dtype)
+    examples = ops.cast(batch_size, rest.dtype)
     return (
-        tf.stack(values + [unscale(rest)]),
-        tf.stack(normalisers + [examples]),
+        ops.stack(values + [unscale(rest)]),
+        ops.stack(normalisers + [examples]),
         examples,
     )

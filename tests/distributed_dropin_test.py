@@ -17,7 +17,6 @@ from keras_accum import AccumulatingModel
 from keras_accum import loss_normalisers
 from tests import distribution_cases as cases
 from tests import helpers
-from tests.helpers import RTOL
 
 EPOCHS = 2
 BATCH = cases.DROPIN_BATCH
@@ -127,10 +126,7 @@ def two_outputs():
 
 
 def _assert_exact(model, reference):
-    weights = model.get_weights()
-    assert all(np.all(np.isfinite(w)) for w in weights), "non-finite weights"
-    error = helpers.relative_error(weights, reference)
-    assert error <= RTOL, f"relative error {error:.3g}"
+    helpers.assert_exact(model.get_weights(), reference)
 
 
 @pytest.mark.usefixtures("float64")

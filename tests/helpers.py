@@ -1,5 +1,9 @@
 """Models, data and reference training shared by the exactness tests."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 
@@ -18,6 +22,24 @@ def relative_error(weights, reference):
         w, r = np.asarray(w, np.float64), np.asarray(r, np.float64)
         errors.append(np.linalg.norm(w - r) / max(np.linalg.norm(r), 1e-300))
     return max(errors)
+
+
+def assert_exact(weights, expected):
+    """Asserts finite weights within `RTOL` of `expected` (relative)."""
+    assert all(np.all(np.isfinite(w)) for w in weights), "non-finite weights"
+    error = relative_error(weights, expected)
+    assert error <= RTOL, f"relative error {error:.3g}"
+
+
+def run_python(script, backend, timeout=300):
+    """Runs `script` in a fresh Python process on Keras `backend`."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "KERAS_BACKEND": backend},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def regression_data(n=1000, features=5, outputs=1, seed=0):

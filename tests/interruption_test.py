@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from keras_accum import AccumulatingModel
 from tests import helpers
-from tests.helpers import RTOL
 
 pytestmark = pytest.mark.jax
 
@@ -113,9 +112,7 @@ def _updates_per_epoch(accumulate):
     return len(helpers.windows(N_EXAMPLES, BATCH, accumulate))
 
 
-def _assert_exact(weights, expected):
-    error = helpers.relative_error(weights, expected)
-    assert error <= RTOL, f"relative error {error:.3g}"
+_assert_exact = helpers.assert_exact
 
 
 @pytest.mark.usefixtures("float64")

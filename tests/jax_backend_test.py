@@ -5,9 +5,6 @@ Run with `KERAS_BACKEND=jax python -m pytest -m jax`; conftest.py gives JAX
 two host CPU devices.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -17,7 +14,6 @@ import pytest
 from keras_accum import AccumulatingModel
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
-from tests.helpers import RTOL
 
 pytestmark = [
     pytest.mark.jax,
@@ -68,8 +64,7 @@ def test_data_parallel_equals_single_device_big_batch(accumulate):
     )
     kernel = model.trainable_variables[0].value
     assert len(kernel.sharding.device_set) == 2
-    error = helpers.relative_error(model.get_weights(), _big_batch(accumulate))
-    assert error <= RTOL, f"relative error {error:.3g}"
+    helpers.assert_exact(model.get_weights(), _big_batch(accumulate))
 
 
 @pytest.mark.usefixtures("float64")
@@ -92,8 +87,7 @@ def test_model_parallel_shards_accumulators_as_their_weights():
     assert accumulator.value.sharding.is_equivalent_to(
         kernel.value.sharding, kernel.value.ndim
     )
-    error = helpers.relative_error(model.get_weights(), _big_batch(3))
-    assert error <= RTOL, f"relative error {error:.3g}"
+    helpers.assert_exact(model.get_weights(), _big_batch(3))
 
 
 @pytest.mark.usefixtures("float64")
@@ -143,13 +137,7 @@ def test_trains_without_tensorflow(tmp_path):
         print("trained without tensorflow")
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**os.environ, "KERAS_BACKEND": "jax"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = helpers.run_python(script, "jax")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained without tensorflow" in result.stdout
 
@@ -196,8 +184,7 @@ def test_custom_step_through_super_is_exact():
     history = model.fit(x, y, batch_size=MICRO, epochs=2, shuffle=False,
                         verbose=0)
     assert "extra" in history.history
-    error = helpers.relative_error(model.get_weights(), _big_batch(3))
-    assert error <= RTOL, f"relative error {error:.3g}"
+    helpers.assert_exact(model.get_weights(), _big_batch(3))
 
 
 def test_custom_step_that_does_not_accumulate_is_refused():

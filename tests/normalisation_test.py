@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_accum import _keras_internals
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
@@ -175,7 +174,8 @@ def test_every_reduction_with_sample_weights(make_loss, accumulate):
     )
     # A summed loss is ~window-size times a mean one: at the same learning
     # rate SGD diverges (weights ~1e11), where any round-off is amplified.
-    learning_rate = 0.5 / 256 if getattr(loss, "reduction", None) == "sum" else 0.5
+    summed = getattr(loss, "reduction", None) == "sum"
+    learning_rate = 0.5 / 256 if summed else 0.5
     _exact_and_naive_fails(graph, (x, y, weights), accumulate, 64,
                            {"loss": loss}, learning_rate=learning_rate)
 

@@ -1,9 +1,6 @@
 """Bad input fails loudly, naming the argument and what is allowed."""
 
-import os
 import re
-import subprocess
-import sys
 
 import keras
 import pytest
@@ -106,13 +103,7 @@ def test_unsupported_backend_is_rejected():
         "    sys.exit(0)\n"
         "sys.exit('no error')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**os.environ, "KERAS_BACKEND": "numpy"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = helpers.run_python(script, "numpy", timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.search(
         r"supports the TensorFlow and JAX backends.*KERAS_BACKEND.*"

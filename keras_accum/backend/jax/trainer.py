@@ -240,11 +240,7 @@ class JAXAccumulationTrainer:
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
-        if (
-            self._accumulates_in_step()
-            and getattr(self, "optimizer", None) is not None
-            and self._all_layers_built()
-        ):
+        if self._ready_to_accumulate():
             validation.validate_jax_optimizer(self.optimizer)
             # Before Keras jits the step: the state's shardings are read
             # from the variables, which must exist by then.

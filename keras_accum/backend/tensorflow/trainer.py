@@ -49,11 +49,7 @@ class TensorFlowAccumulationTrainer:
             return self.train_function
         # Under a strategy the model and optimizer are built before the
         # train function is traced; create the accumulators eagerly then.
-        if (
-            self._accumulates_in_step()
-            and getattr(self, "optimizer", None) is not None
-            and self._all_layers_built()
-        ):
+        if self._ready_to_accumulate():
             self._build_accumulators_eagerly()
         functions = self._functions
         functions.xla_micro_step = functions.xla_window_update = None
