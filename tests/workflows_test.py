@@ -40,6 +40,8 @@ from tests.workflows import mlp_graph
 from tests.workflows import regression
 from tests.workflows import two_head_graph
 
+pytestmark = pytest.mark.jax
+
 # ---------------------------------------------------------------------------
 # Expected refusals. The library decides what these workflows do; change the
 # expectation here, in one place.
