@@ -116,7 +116,12 @@ class WindowLoss(keras.metrics.Mean):
         # Fold the finished window with arithmetic, not a branch: its
         # weight is 0 unless a window starts here.
         fold = ops.cast(first_in_window, self.dtype)
-        finished = fold * self.window_examples
+        # Values, not variables, in the arithmetic: inside JAX's stateless
+        # step a variable stands for its value in the step's state.
+        window_sums = ops.convert_to_tensor(self.window_sums)
+        window_normalisers = ops.convert_to_tensor(self.window_normalisers)
+        window_examples = ops.convert_to_tensor(self.window_examples)
+        finished = fold * window_examples
         self.total.assign_add(finished * self._window_loss())
         self.count.assign_add(finished)
         keep = 1.0 - fold
@@ -125,11 +130,11 @@ class WindowLoss(keras.metrics.Mean):
         sums = ops.where(
             ops.not_equal(normalisers, 0), values * normalisers, values
         )
-        self.window_sums.assign(keep * self.window_sums + sums)
+        self.window_sums.assign(keep * window_sums + sums)
         self.window_normalisers.assign(
-            keep * self.window_normalisers + normalisers
+            keep * window_normalisers + normalisers
         )
-        self.window_examples.assign(keep * self.window_examples + examples)
+        self.window_examples.assign(keep * window_examples + examples)
 
     def _window_loss(self):
         sums = ops.convert_to_tensor(self.window_sums)
@@ -144,10 +149,8 @@ class WindowLoss(keras.metrics.Mean):
     def reset_state(self):
         super().reset_state()
         if self.window_sums is not None:
-            self.window_sums.assign(ops.zeros_like(self.window_sums))
-            self.window_normalisers.assign(
-                ops.zeros_like(self.window_normalisers)
-            )
+            for variable in (self.window_sums, self.window_normalisers):
+                variable.assign(ops.zeros(variable.shape, variable.dtype))
             self.window_examples.assign(0)
 
     def result(self):
@@ -155,8 +158,8 @@ class WindowLoss(keras.metrics.Mean):
             return super().result()
         examples = ops.convert_to_tensor(self.window_examples)
         return ops.divide_no_nan(
-            self.total + examples * self._window_loss(),
-            self.count + examples,
+            ops.convert_to_tensor(self.total) + examples * self._window_loss(),
+            ops.convert_to_tensor(self.count) + examples,
         )
 
 

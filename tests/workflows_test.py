@@ -229,8 +229,12 @@ def head_without_loss(side, optimizer, accumulate=3):
     model.compile(optimizer=optimizer(), loss={"a": "mse", "b": None})
     head_b = [w.numpy().copy() for w in model.get_layer("b").weights]
     history = side.fit(model, x, y, accumulate=accumulate)
+    # Plain Keras on TensorFlow passes head b a `None` gradient, so its
+    # optimizer leaves it alone; on JAX a zero gradient, which weight decay
+    # moves. The comparison holds keras_accum to the same either way.
     side.require(
-        all(
+        keras.backend.backend() == "jax"
+        or all(
             np.array_equal(a, w.numpy())
             for a, w in zip(head_b, model.get_layer("b").weights)
         ),
@@ -322,9 +326,12 @@ def repeated_dataset(side, accumulate=2):
         batches = [
             (np.asarray(a), np.asarray(b)) for a, b in micro.as_numpy_iterator()
         ]
-        stream = itertools.cycle(batches)
-
         def windows():
+            # Called once per iterator: on TensorFlow, Keras keeps one
+            # across epochs when `steps_per_epoch` is set; on JAX it makes
+            # one per epoch, and the accumulating side's `.repeat()`
+            # restarts too.
+            stream = itertools.cycle(batches)
             while True:
                 window = [next(stream) for _ in range(accumulate)]
                 yield tuple(np.concatenate(part) for part in zip(*window))
@@ -617,9 +624,14 @@ WORKFLOWS = [
     _row("partial-freezing", partial_freezing, "frozen layer in the window"),
     _row("freeze-after-training", freeze_after_training,
          "a layer frozen between fits (fewer trainable weights)"),
+    # Plain Keras on JAX fails in the retraced step (its optimizer was
+    # built for the old variables): keras_accum refuses there, clearly.
     _row("freeze-without-recompile", freeze_without_recompile,
          "trainable toggled without compile: follow plain Keras",
-         eager_reference=False),
+         eager_reference=False,
+         **({"mode": "refusal", "expectation": Expectation(
+             "raises", ValueError, "changed since `compile\\(\\)`")}
+            if keras.backend.backend() == "jax" else {})),
     _row("model-trainable-false-recompile", nothing_trainable,
          "nothing trainable after a fit trains silently",
          mode="refusal", expectation=NOTHING_TRAINABLE),
