@@ -56,3 +56,13 @@ EXACT_MICRO_BATCH = 8
 FULL_EXACT_KS = (4, 8)
 QUICK_EXACT_KS = (4,)
 EXACT_EPOCHS = 3
+
+# JAX (`KERAS_BACKEND=jax python benchmarks/run.py`): the timing phase only
+# (the other phases use TensorFlow's profiler, strategies and `tf.data`),
+# sized to run in about two minutes on two CPU cores. `jit_compile=True`
+# (JAX's default; `False` would run every op eagerly).
+JAX_MODELS = ("mlp",)
+JAX_OPTIMIZERS = ("sgd", "adam")
+JAX_KS = (1, 8, 32)
+JAX_EXAMPLES = {"mlp": 2048}
+JAX_TIMING_ROUNDS = 4

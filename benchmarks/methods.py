@@ -14,11 +14,11 @@ compiled model plus the batch size its `fit` uses:
   gradients: the cost of the library's step before it weighted the loss and
   moved the finiteness check to the window (profile only).
 - `fwd_bwd`: the reference for the per-micro-step overhead: a model whose
-  `train_step` does the forward and backward pass and nothing else.
+  `train_step` does the forward and backward pass and nothing else
+  (TensorFlow only).
 """
 
 import keras
-import tensorflow as tf
 from models import build_model
 from models import loss
 
@@ -63,6 +63,8 @@ class ForwardBackwardModel(keras.Model):
     """
 
     def train_step(self, data):
+        import tensorflow as tf  # A TensorFlow step (not run on JAX).
+
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)

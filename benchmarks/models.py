@@ -8,7 +8,6 @@ or the forward+backward-only reference.
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 NUM_CLASSES = 10
 
@@ -149,8 +148,19 @@ def make_data(name, examples, seed=0):
 def make_dataset(x, y, batch_size):
     """A `tf.data` pipeline, built before `fit` so its copy of the data is
     part of the memory baseline, not of the increase during `fit`."""
+    import tensorflow as tf
+
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
     return dataset.prefetch(2)
+
+
+def fit_inputs(x, y, batch_size):
+    """The input arguments of `fit`: a `tf.data` pipeline on TensorFlow
+    (`make_dataset`); on JAX the arrays themselves, which Keras batches
+    with no TensorFlow involved (a Colab TPU runtime has none)."""
+    if keras.backend.backend() == "tensorflow":
+        return {"x": make_dataset(x, y, batch_size)}
+    return {"x": x, "y": y, "batch_size": batch_size}
 
 
 def loss():

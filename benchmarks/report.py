@@ -478,8 +478,80 @@ def write_markdown(data, path):
         lines.append(f"- `{where}` ({context}): "
                      f"{_one_line(failure['error'])[:600]}")
     lines.append("")
+    lines += _kept_jax_section(path)
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
+
+
+JAX_START = "<!-- jax-timing:start (written by KERAS_BACKEND=jax run.py) -->"
+JAX_END = "<!-- jax-timing:end -->"
+
+
+def _kept_jax_section(path):
+    """The JAX section of an existing `results.md`, which a TensorFlow run
+    keeps (and a JAX run replaces)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        text = handle.read()
+    start, end = text.find(JAX_START), text.find(JAX_END)
+    if start < 0 or end < start:
+        return []
+    return [text[start:end + len(JAX_END)], ""]
+
+
+def jax_section(data):
+    """The JAX backend's timing tables, as Markdown lines."""
+    from models import DESCRIPTIONS
+
+    machine, settings = data["machine"], data["settings"]
+    lines = [
+        JAX_START,
+        "## JAX backend (timing)",
+        "",
+        (f"Generated {data['generated']} by `KERAS_BACKEND=jax "
+         f"{data['command']}` ({settings['mode']} mode, "
+         f"{data['durations_s'].get('total', 0):.0f} s): "
+         f"{machine['nproc']} CPU cores ({machine['cpu_model']}), no GPU; "
+         f"JAX {machine['jax']}, Keras {machine['keras']}; keras_accum "
+         f"measured: {_library_line(data.get('library'))}."),
+        "",
+        (f"Same method as above (one process per group, 1 warm-up epoch, "
+         f"then {settings['timing_rounds']} interleaved rounds, median), "
+         f"micro-batch b = {settings['micro_batch']}, examples per epoch "
+         f"{settings['examples']}, NumPy arrays given to `fit` (no "
+         "`tf.data`), `jit_compile=True` (JAX's default). No memory "
+         "columns and no `fwd_bwd` reference: those phases use TensorFlow."),
+        "",
+    ]
+    for model in settings["models"]:
+        lines += [f"### JAX: {DESCRIPTIONS.get(model, model)}", ""]
+        _timing_table(lines, model, data)
+        lines.append("")
+    failures = [r for rows in data.get("timing", {}).values()
+                for group in rows.values() for r in group if "error" in r]
+    failures += data.get("failures", [])
+    for failure in failures:
+        lines.append(f"- FAILED `{failure.get('key') or failure.get('function')}`"
+                     f": {_one_line(failure['error'])[:600]}")
+    lines.append(JAX_END)
+    return lines
+
+
+def write_jax_section(data, path):
+    """Replaces (or appends) the JAX section of `results.md`."""
+    text = ""
+    if os.path.exists(path):
+        with open(path) as handle:
+            text = handle.read()
+    section = "\n".join(jax_section(data))
+    start, end = text.find(JAX_START), text.find(JAX_END)
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(JAX_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as handle:
+        handle.write(text)
 
 
 def write_plots(data, results_dir):

@@ -4,6 +4,7 @@ Usage (from the repository root):
 
     python benchmarks/run.py            # full run, ~20-25 min on 2 cores
     python benchmarks/run.py --quick    # smoke run, < 3 min
+    KERAS_BACKEND=jax python benchmarks/run.py   # JAX timing, ~2 min
 
 The full run writes `benchmarks/results.md` and `benchmarks/results/`; the
 quick run writes to `benchmarks/results/tmp/quick/` unless `--out` is given.
@@ -26,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import config
@@ -36,6 +37,9 @@ import isolation
 # is snapshotted first (see `snapshot_library`), then imported from the copy.
 
 PHASES = ("timing", "memory", "exactness", "distributed", "profile")
+# On JAX only the timing phase runs: the others use TensorFlow's profiler,
+# `tf.distribute` and `tf.data`.
+JAX_PHASES = ("timing",)
 
 
 def snapshot_library():
@@ -88,6 +92,18 @@ def snapshot_library():
 
 
 def _settings(quick):
+    if BACKEND == "jax" and not quick:
+        return {
+            "mode": "jax",
+            "micro_batch": config.MICRO_BATCH,
+            "ks": list(config.JAX_KS),
+            "models": list(config.JAX_MODELS),
+            "optimizers": list(config.JAX_OPTIMIZERS),
+            "learning_rates": config.LEARNING_RATES,
+            "examples": config.JAX_EXAMPLES,
+            "timing_rounds": config.JAX_TIMING_ROUNDS,
+            "jit_compile": True,
+        }
     return {
         "mode": "quick" if quick else "full",
         "micro_batch": config.MICRO_BATCH,
@@ -101,6 +117,7 @@ def _settings(quick):
         "timing_rounds": (
             config.QUICK_TIMING_ROUNDS if quick else config.FULL_TIMING_ROUNDS
         ),
+        "jit_compile": BACKEND == "jax",
         "memory_epochs": (
             config.QUICK_MEMORY_EPOCHS if quick else config.FULL_MEMORY_EPOCHS
         ),
@@ -138,9 +155,17 @@ def _settings(quick):
 
 def _machine(isolation_mode):
     import keras
-    import tensorflow as tf
 
     import keras_accum
+
+    if BACKEND == "jax":
+        import jax
+
+        framework = {"backend": "jax", "jax": jax.__version__}
+    else:
+        import tensorflow as tf
+
+        framework = {"backend": "tensorflow", "tensorflow": tf.__version__}
 
     cpu_model = "unknown"
     try:
@@ -166,7 +191,7 @@ def _machine(isolation_mode):
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
+        **framework,
         "keras": keras.__version__,
         "keras_accum": keras_accum.__version__,
         "isolation": isolation_mode,
@@ -179,7 +204,9 @@ class Runner:
         self.args = args
         self.quick = args.quick
         self.settings = _settings(args.quick)
-        self.results_dir = os.path.join(args.out, "results")
+        self.results_dir = os.path.join(
+            args.out, "results", *(["jax"] if BACKEND == "jax" else [])
+        )
         os.makedirs(self.results_dir, exist_ok=True)
         self.json_path = os.path.join(self.results_dir, "benchmark.json")
         self.data = {
@@ -225,8 +252,14 @@ class Runner:
         self.data["durations_s"]["total"] = time.monotonic() - self.started
         import report
 
-        report.write_all(self.data, self.args.out, self.results_dir,
-                         readme_path(self.args, self.quick))
+        if BACKEND == "jax":
+            # Its own section of results.md; the TensorFlow tables stay.
+            report.write_jax_section(
+                self.data, os.path.join(self.args.out, "results.md")
+            )
+        else:
+            report.write_all(self.data, self.args.out, self.results_dir,
+                             readme_path(self.args, self.quick))
         self.save()
         self.log(f"wrote {self.json_path} and "
                  f"{os.path.join(self.args.out, 'results.md')}")
@@ -248,6 +281,7 @@ class Runner:
                 "rounds": self.settings["timing_rounds"],
                 "micro_batch": config.MICRO_BATCH,
                 "learning_rate": config.LEARNING_RATES[optimizer],
+                "jit_compile": self.settings["jit_compile"],
             })
             timing_results.setdefault(model, {})[optimizer] = rows or []
             self.save()
@@ -361,7 +395,7 @@ class Runner:
 def readme_path(args, quick):
     """The README whose benchmark table a run rewrites: only a full run
     written into the repository's `benchmarks/` updates it."""
-    if quick or os.path.abspath(args.out) != HERE:
+    if quick or BACKEND == "jax" or os.path.abspath(args.out) != HERE:
         return None
     return os.path.join(os.path.dirname(HERE), "README.md")
 
@@ -382,8 +416,9 @@ def main(argv=None):
     parser.add_argument("--memory-jobs", type=int, default=1,
                         help="memory measurements run at the same time, "
                              "each in its own process (default 1)")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help=f"comma-separated subset of {','.join(PHASES)}")
+    phases = JAX_PHASES if BACKEND == "jax" else PHASES
+    parser.add_argument("--phases", default=",".join(phases),
+                        help=f"comma-separated subset of {','.join(phases)}")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.md and plots from the JSON")
     args = parser.parse_args(argv)
@@ -395,28 +430,37 @@ def main(argv=None):
         import report
 
         results_dir = os.path.join(args.out, "results")
+        if BACKEND == "jax":
+            with open(os.path.join(results_dir, "jax", "benchmark.json")) as f:
+                report.write_jax_section(
+                    json.load(f), os.path.join(args.out, "results.md")
+                )
+            return 0
         with open(os.path.join(results_dir, "benchmark.json")) as handle:
             data = json.load(handle)
         report.write_all(data, args.out, results_dir,
                          readme_path(args, data["settings"]["mode"] == "quick"))
         return 0
-    phases = [p for p in args.phases.split(",") if p]
-    unknown = sorted(set(phases) - set(PHASES))
+    chosen = [p for p in args.phases.split(",") if p]
+    unknown = sorted(set(chosen) - set(phases))
     if unknown:
-        parser.error(f"unknown phases {unknown}; choose from {PHASES}")
+        parser.error(f"unknown phases {unknown} on {BACKEND}; choose from "
+                     f"{phases}")
     library = snapshot_library()
     if args.isolation == "fork":
-        # Import once here, run no TensorFlow op: forked children start from
-        # a pristine runtime without paying the import again.
+        # Import once here, run no TensorFlow (or JAX) op: forked children
+        # start from a pristine runtime without paying the import again.
         import keras  # noqa: F401
-        import memory  # noqa: F401
-        import profile_step  # noqa: F401
-        import tensorflow  # noqa: F401
         import timing  # noqa: F401
 
         import keras_accum  # noqa: F401
+
+        if BACKEND != "jax":
+            import memory  # noqa: F401
+            import profile_step  # noqa: F401
+            import tensorflow  # noqa: F401
     try:
-        Runner(args, library).run(phases)
+        Runner(args, library).run(chosen)
     finally:
         shutil.rmtree(os.path.dirname(library["snapshot"]),
                       ignore_errors=True)

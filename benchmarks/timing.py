@@ -19,8 +19,8 @@ import traceback
 import keras
 import methods
 import psutil
+from models import fit_inputs
 from models import make_data
-from models import make_dataset
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -71,8 +71,11 @@ def time_group(model, optimizer, ks, examples, rounds, micro_batch,
     """Times every configuration of (`model`, `optimizer`).
 
     Args:
+        jit_compile: Passed to `compile`. `False` is Keras' default on a
+            TensorFlow CPU; on JAX, `False` runs eagerly, so the JAX run
+            passes `True` (JAX's default).
         configs: The configurations; all of `methods.configurations(ks)`
-            when `None`.
+            when `None` (without the TensorFlow-only `fwd_bwd` on JAX).
         strategies: Dict of name -> `tf.distribute.Strategy` (or `None` for
             no strategy); every configuration is built once per strategy.
             Defaults to `{"none": None}`.
@@ -83,7 +86,9 @@ def time_group(model, optimizer, ks, examples, rounds, micro_batch,
         per epoch, or the error that stopped it.
     """
     if configs is None:
-        configs = methods.configurations(ks)
+        configs = methods.configurations(
+            ks, include_reference=keras.backend.backend() == "tensorflow"
+        )
     if strategies is None:
         strategies = {"none": None}
     x, y = make_data(model, examples)
@@ -103,16 +108,16 @@ def time_group(model, optimizer, ks, examples, rounds, micro_batch,
                         jit_compile=jit_compile,
                     )
                 if batch_size not in datasets:
-                    datasets[batch_size] = make_dataset(x, y, batch_size)
+                    datasets[batch_size] = fit_inputs(x, y, batch_size)
                 entry.update(
                     model=fitted, batch_size=batch_size, timer=EpochTimer()
                 )
-                updates_before = int(fitted.optimizer.iterations.numpy())
+                updates_before = _updates(fitted)
                 started = time.perf_counter()
                 _fit_one_epoch(entry, datasets)
                 entry["warmup_s"] = time.perf_counter() - started
                 entry["updates_per_epoch"] = (
-                    int(fitted.optimizer.iterations.numpy()) - updates_before
+                    _updates(fitted) - updates_before
                 )
                 entry["timer"].records.clear()
                 entries.append(entry)
@@ -123,6 +128,12 @@ def time_group(model, optimizer, ks, examples, rounds, micro_batch,
         for entry in entries[shift:] + entries[:shift]:
             _fit_one_epoch(entry, datasets)
     return [_summary(entry, examples) for entry in entries] + failures
+
+
+def _updates(model):
+    # With `gradient_accumulation_steps`, `iterations` is computed: a JAX
+    # array, which has no `.numpy()`.
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 def _scope(strategy):
@@ -170,7 +181,7 @@ def _summary(entry, examples):
 
 def _fit_one_epoch(entry, datasets):
     entry["model"].fit(
-        datasets[entry["batch_size"]],
+        **datasets[entry["batch_size"]],
         epochs=1,
         verbose=0,
         callbacks=[entry["timer"]],

@@ -18,165 +18,227 @@
 # ---
 
 # %% [markdown]
-# # Gradient accumulation on a Colab TPU
+# # Gradient accumulation on a Colab TPU, with JAX
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/colab_tpu.ipynb)
 #
-# Choose *Runtime > Change runtime type > TPU* on Colab. Without a TPU the
-# notebook falls back to `MirroredStrategy` over several GPUs, or to the default
-# strategy (one GPU or the CPU), and runs the same code.
+# Choose *Runtime > Change runtime type > TPU* on Colab. Colab's TPU runtimes
+# ship JAX and no TensorFlow (since 2025), so this notebook runs Keras on the
+# JAX backend (`KERAS_BACKEND=jax`) and splits each batch over the TPU cores
+# with `keras.distribution.DataParallel`. The same code runs on a GPU or on a
+# CPU; CI runs it on a CPU with TensorFlow not importable.
 #
-# An `AccumulatingModel` is built and compiled under `strategy.scope()` and
-# trained with XLA (`jit_compile=True`), several steps per call
-# (`steps_per_execution`) and static batch shapes (`drop_remainder=True`).
+# It trains an `AccumulatingModel` with `accumulate=N` and with
+# `accumulate="epoch"`, checks both against plain Keras on the big batch,
+# then repeats the first in `mixed_bfloat16`, the precision TPUs compute in.
 
 # %%
+import importlib.util
 import subprocess
 import sys
 
-# On Colab, install keras-accum first. Anywhere else this cell does nothing:
-# install the package with `pip install -e ".[examples]"` from the repository.
-# (A subprocess, not `%pip`, so this file is plain Python for linters.)
+# On Colab, install keras-accum with its JAX extra (the TPU runtime has JAX
+# already, so nothing else is pulled in). Anywhere else, or when keras_accum
+# is importable already, this cell does nothing: install the package with
+# `pip install -e ".[jax,examples]"` from the repository. (A subprocess, not
+# `%pip`, so this file is plain Python for linters.)
 if "google.colab" in sys.modules:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q",
-         "keras-accum @ git+https://github.com/keras-accum/keras-accum"],
-        check=True,
-    )
+    if importlib.util.find_spec("keras_accum") is None:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q",
+             "keras-accum[jax] @ "
+             "git+https://github.com/keras-accum/keras-accum"],
+            check=True,
+        )
+
+# %% [markdown]
+# ## Backend and devices
+#
+# `KERAS_BACKEND` must be set before Keras is imported. Right after
+# `import jax`, before JAX starts, the notebook asks for two CPU devices
+# (`jax_num_cpu_devices`, the config form of
+# `XLA_FLAGS=--xla_force_host_platform_device_count=2`). That option only
+# shapes JAX's CPU platform: on a TPU or GPU runtime `jax.devices()` still
+# lists the accelerators, so no test for "is there an accelerator?" is needed
+# (such tests, on `/dev/accel*` or environment variables, vary between TPU
+# generations). On a CPU it gives `DataParallel` two devices to split over, so
+# the distributed path runs everywhere. If JAX was already started by an
+# earlier cell, JAX refuses the option and the notebook keeps the devices it
+# has.
 
 # %%
 import os
 
-os.environ["KERAS_BACKEND"] = "tensorflow"  # keras_accum needs TensorFlow.
+os.environ["KERAS_BACKEND"] = "jax"
+
+import jax
+
+try:
+    jax.config.update("jax_num_cpu_devices", 2)
+except RuntimeError:  # JAX already started: keep its devices.
+    pass
 
 import keras
 import numpy as np
-import tensorflow as tf
+from sklearn.datasets import load_digits
 
 import keras_accum
 
+devices = jax.devices()
+print(f"Keras {keras.__version__} on {keras.backend.backend()}, "
+      f"{len(devices)} {devices[0].platform.upper()} device(s)")
 
 # %% [markdown]
-# ## Pick the strategy
-
-# %%
-def make_strategy():
-    """TPUStrategy on a TPU, MirroredStrategy on several GPUs, else default."""
-    try:
-        # Finds the TPU from the environment (TPU_NAME, Colab's variables).
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-    except ValueError:
-        # A TPU VM runtime has its chips attached to this machine.
-        has_local_tpu = os.path.exists("/dev/accel0") or os.path.exists(
-            "/dev/vfio/0"
-        )
-        resolver = (
-            tf.distribute.cluster_resolver.TPUClusterResolver(tpu="local")
-            if has_local_tpu
-            else None
-        )
-    if resolver is not None:
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-strategy = make_strategy()
-print(f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} "
-      "replica(s)")
-
-# %% [markdown]
-# ## Per-replica, global and effective batch
+# ## Per-device, global and effective batch
 #
-# * **Per-replica batch**: the examples one replica (a TPU core, a GPU) sees per
-#   step.
-# * **Global batch** = per-replica batch x `strategy.num_replicas_in_sync`: what
-#   the dataset's `batch()` gets. The strategy splits each global batch across
-#   the replicas, and one train step computes the gradient of the global batch.
+# `DataParallel` replicates the weights on every device and splits each
+# batch along its first axis; one jitted train step computes the gradient of
+# the whole (global) batch.
+#
+# * **Per-device batch**: the examples one device (a TPU core) sees per step.
+# * **Global batch** = per-device batch x devices: the `batch_size` given to
+#   `fit`. It must divide by the device count.
 # * **Effective batch** = global batch x `accumulate`: the examples behind each
 #   optimizer update.
 #
-# On a TPU v2-8 (8 cores) with 128 examples per core and `accumulate=4`, the
-# global batch is 1024 and each update sees 4096 examples.
-#
-# XLA compiles one program per input shape, so batches must all have the same
-# shape: `drop_remainder=True` drops the last, smaller batch (the data keep a
-# multiple of the global batch here, so nothing is lost). `steps_per_execution`
-# runs several train steps per call from the host, which keeps a TPU busy;
-# accumulation windows need not line up with it, but it reads best when the
-# window is a multiple.
+# XLA compiles one program per input shape, so the notebook keeps a whole
+# number of windows of data: every batch has the same shape, and no ragged
+# last batch triggers a second compilation. (keras_accum is exact on a ragged
+# last batch too; it just costs a compilation.) `steps_per_execution` runs
+# several train steps per call from the host, which keeps a TPU busy; the
+# window is a multiple of it here.
 
 # %%
-PER_REPLICA_BATCH = 128
+PER_DEVICE_BATCH = 16
 ACCUMULATE = 4
 EPOCHS = 3
-# Keras 3.15's own `fit` under MirroredStrategy failed in our tests with
-# `jit_compile=True` or `steps_per_execution > 1` (a plain keras.Model too),
-# so both are used on a TPU or a single device only.
-MIRRORED = isinstance(strategy, tf.distribute.MirroredStrategy)
-JIT_COMPILE = not MIRRORED
-STEPS_PER_EXECUTION = 1 if MIRRORED else 8
 
-GLOBAL_BATCH = PER_REPLICA_BATCH * strategy.num_replicas_in_sync
-EFFECTIVE_BATCH = GLOBAL_BATCH * ACCUMULATE
-STEPS_PER_EPOCH = 32
-NUM_EXAMPLES = GLOBAL_BATCH * STEPS_PER_EPOCH
-print(f"global batch {GLOBAL_BATCH} = {PER_REPLICA_BATCH} x "
-      f"{strategy.num_replicas_in_sync} replica(s); effective batch "
-      f"{EFFECTIVE_BATCH} = {GLOBAL_BATCH} x {ACCUMULATE}")
-
-# %% [markdown]
-# ## Data with static shapes
-#
-# Synthetic classification: 64 features, 10 classes given by a random linear
-# teacher.
-
-# %%
-rng = np.random.default_rng(0)
-features = rng.normal(size=(NUM_EXAMPLES, 64)).astype("float32")
-teacher = rng.normal(size=(64, 10))
-labels = np.argmax(features @ teacher, axis=1).astype("int32")
-
-dataset = (
-    tf.data.Dataset.from_tensor_slices((features, labels))
-    .shuffle(NUM_EXAMPLES, seed=0)
-    .batch(GLOBAL_BATCH, drop_remainder=True)
-    .prefetch(tf.data.AUTOTUNE)
+keras.distribution.set_distribution(
+    keras.distribution.DataParallel(devices=devices)
 )
-print(dataset.element_spec)
+GLOBAL_BATCH = PER_DEVICE_BATCH * len(devices)
+EFFECTIVE_BATCH = GLOBAL_BATCH * ACCUMULATE
+
+digits = load_digits()  # 1797 8x8 images, shipped with scikit-learn.
+n = len(digits.target) // EFFECTIVE_BATCH * EFFECTIVE_BATCH
+x = (digits.data[:n] / 16.0).astype("float32")
+y = digits.target[:n].astype("int32")
+print(f"{n} examples; global batch {GLOBAL_BATCH} = {PER_DEVICE_BATCH} x "
+      f"{len(devices)} device(s); effective batch {EFFECTIVE_BATCH} = "
+      f"{GLOBAL_BATCH} x {ACCUMULATE}")
+
 
 # %% [markdown]
-# ## Build, compile and train under the strategy
+# ## Train with `accumulate=N`
 #
-# The model, its optimizer and the accumulators (created like optimizer slots)
-# must all live under `strategy.scope()`.
+# The model is built after `set_distribution`, so its weights and the
+# accumulators (kept in the jitted step's state, sharded like the weights) are
+# laid out on the devices. In between updates a step only adds its gradient
+# into the accumulators; the optimizer runs once per window.
 
 # %%
-with strategy.scope():
-    keras.utils.set_random_seed(0)
+def build(model_class=keras.Model, **kwargs):
+    keras.utils.set_random_seed(0)  # The same initial weights every time.
     inputs = keras.Input((64,))
-    x = keras.layers.Dense(256, activation="relu")(inputs)
-    outputs = keras.layers.Dense(10)(x)
-    model = keras_accum.AccumulatingModel(
-        inputs, outputs, accumulate=ACCUMULATE
-    )
+    hidden = keras.layers.Dense(128, activation="relu")(inputs)
+    outputs = keras.layers.Dense(10)(hidden)
+    return model_class(inputs, outputs, **kwargs)
+
+
+def compile_and_fit(model, batch_size, steps_per_execution=1):
     model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
+        optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        jit_compile=JIT_COMPILE,
-        steps_per_execution=STEPS_PER_EXECUTION,
+        steps_per_execution=steps_per_execution,
     )
+    model.fit(x, y, batch_size=batch_size, epochs=EPOCHS, shuffle=False,
+              verbose=0)
+    return model
 
-history = model.fit(dataset, epochs=EPOCHS, shuffle=False, verbose=2)
-updates = int(model.optimizer.iterations.numpy())
-print(f"{updates} optimizer updates: {STEPS_PER_EPOCH} steps per epoch / "
-      f"accumulate={ACCUMULATE} x {EPOCHS} epochs")
+
+accumulated = compile_and_fit(
+    build(keras_accum.AccumulatingModel, accumulate=ACCUMULATE),
+    GLOBAL_BATCH,
+    steps_per_execution=ACCUMULATE,
+)
+updates = int(accumulated.optimizer.iterations.numpy())
+loss, accuracy = accumulated.evaluate(x, y, batch_size=GLOBAL_BATCH,
+                                      verbose=0)
+print(f"{updates} updates = {n // EFFECTIVE_BATCH} windows x {EPOCHS} "
+      f"epochs; loss {loss:.3f}, accuracy {accuracy:.3f}")
+assert updates == n // EFFECTIVE_BATCH * EPOCHS
+
 
 # %% [markdown]
-# Each update used the gradient of `EFFECTIVE_BATCH` examples, averaged exactly
-# (`reduction="mean"`) over all replicas and micro-batches; in between,
-# each replica only adds into its own accumulators, with no communication.
+# ## The same as plain Keras on the big batch
+#
+# A plain `keras.Model` with the same initial weights, trained on batches of
+# `EFFECTIVE_BATCH` in the same order (`shuffle=False`), makes the same
+# updates: the weights agree to float32 round-off (about 1e-6 relative on a
+# CPU; TPUs multiply float32 in bfloat16 passes by default, so expect more
+# there).
+
+# %%
+def relative_difference(model, reference):
+    difference = sum(
+        np.sum((np.asarray(a) - np.asarray(b)) ** 2)
+        for a, b in zip(model.get_weights(), reference.get_weights())
+    )
+    size = sum(np.sum(np.asarray(b) ** 2) for b in reference.get_weights())
+    return float(np.sqrt(difference / size))
+
+
+big_batch = compile_and_fit(build(), EFFECTIVE_BATCH)
+difference = relative_difference(accumulated, big_batch)
+print(f"accumulate={ACCUMULATE} vs plain batch {EFFECTIVE_BATCH}: "
+      f"relative difference {difference:.1e}")
+assert difference < 1e-3
+
+# %% [markdown]
+# ## Epoch mode: one update per epoch
+#
+# `accumulate="epoch"` applies the gradient of the whole training set once
+# per epoch, at its end: full-batch training with only `GLOBAL_BATCH`
+# examples in memory per step.
+
+# %%
+epoch_mode = compile_and_fit(
+    build(keras_accum.AccumulatingModel, accumulate="epoch"), GLOBAL_BATCH
+)
+full_batch = compile_and_fit(build(), n)
+difference = relative_difference(epoch_mode, full_batch)
+print(f"{int(epoch_mode.optimizer.iterations.numpy())} updates; "
+      f"epoch mode vs plain batch {n}: relative difference {difference:.1e}")
+assert int(epoch_mode.optimizer.iterations.numpy()) == EPOCHS
+assert difference < 1e-3
+
+# %% [markdown]
+# ## `mixed_bfloat16`
+#
+# TPUs compute in bfloat16. Under the `mixed_bfloat16` policy layers compute
+# in bfloat16 and keep float32 weights; keras_accum sums the gradients in
+# float32 accumulators, so accumulating does not lose bits to bfloat16
+# additions. Both sides compute in bfloat16 (8 bits of mantissa), so they
+# agree only to bfloat16's round-off: on a CPU about 1e-2 after these 42
+# updates, less than bfloat16 itself moves the big batch from its float32
+# run (about 2e-2), and far less than a different batch size would (3e-1).
+
+# %%
+keras.config.set_dtype_policy("mixed_bfloat16")
+try:
+    accumulated_bf16 = compile_and_fit(
+        build(keras_accum.AccumulatingModel, accumulate=ACCUMULATE),
+        GLOBAL_BATCH,
+    )
+    big_batch_bf16 = compile_and_fit(build(), EFFECTIVE_BATCH)
+finally:
+    keras.config.set_dtype_policy("float32")
+layer = accumulated_bf16.layers[1]
+difference = relative_difference(accumulated_bf16, big_batch_bf16)
+print(f"compute {layer.compute_dtype}, weights {layer.kernel.dtype}; "
+      f"relative difference to the big batch {difference:.1e} (bfloat16 vs "
+      f"float32 big batch: "
+      f"{relative_difference(big_batch_bf16, big_batch):.1e})")
+assert layer.kernel.dtype == "float32"
+assert difference < 5e-2

@@ -139,7 +139,9 @@ class GradientAccumulator:
         return keras.Variable(
             initializer=keras.initializers.Constant(initial),
             shape=(),
-            dtype="int64",
+            # Keras' own counter dtype (`optimizer.iterations`): int64 on
+            # TensorFlow, int32 on JAX (int64 there warns without x64).
+            dtype="int",
             trainable=False,
             name=name,
             aggregation="only_first_replica",

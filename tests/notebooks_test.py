@@ -6,8 +6,14 @@ notebook's source is a jupytext percent-format `.py` file paired with it
 (edit the `.py`, then `jupytext --sync examples/notebooks/*.py
 examples/colab_tpu.py`); the committed `.ipynb` must agree with it and carry
 no outputs.
+
+`colab_tpu` is the JAX notebook: its kernel runs with `KERAS_BACKEND=jax`
+and, as on a Colab TPU runtime, without TensorFlow: the test prepends a cell
+`sys.modules["tensorflow"] = None` (in memory only), which makes any
+`import tensorflow` fail, and checks at the end that it still holds.
 """
 
+import os
 import pathlib
 import time
 
@@ -25,6 +31,10 @@ NOTEBOOKS = [
     EXAMPLES / "colab_tpu.ipynb",
 ]
 CELL_TIMEOUT_S = 300
+# Run on JAX with TensorFlow not importable, as on a Colab TPU runtime.
+WITHOUT_TENSORFLOW = {"colab_tpu"}
+BLOCK_TENSORFLOW = 'import sys\nsys.modules["tensorflow"] = None'
+STILL_BLOCKED = 'assert sys.modules["tensorflow"] is None'
 COLAB_PREFIX = "https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/"
 
 
@@ -72,6 +82,14 @@ def test_notebook_has_badge_and_guarded_install_and_no_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_notebook_runs_top_to_bottom(path):
     notebook = nbformat.read(path, as_version=4)
+    env = dict(os.environ)
+    if path.stem in WITHOUT_TENSORFLOW:
+        # The notebook picks its devices itself; the JAX test run's
+        # XLA_FLAGS must not leak into it.
+        env.pop("XLA_FLAGS", None)
+        env["KERAS_BACKEND"] = "jax"
+        notebook.cells.insert(0, nbformat.v4.new_code_cell(BLOCK_TENSORFLOW))
+        notebook.cells.append(nbformat.v4.new_code_cell(STILL_BLOCKED))
     client = nbclient.NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT_S,
@@ -80,7 +98,8 @@ def test_notebook_runs_top_to_bottom(path):
     )
 
     start = time.perf_counter()
-    client.execute()  # Raises CellExecutionError on the first failing cell.
+    # Raises CellExecutionError on the first failing cell.
+    client.execute(env=env)
     seconds = time.perf_counter() - start
 
     print(f"{path.name}: {seconds:.1f} s")
