@@ -242,3 +242,56 @@ print(f"compute {layer.compute_dtype}, weights {layer.kernel.dtype}; "
       f"{relative_difference(big_batch_bf16, big_batch):.1e})")
 assert layer.kernel.dtype == "float32"
 assert difference < 5e-2
+
+# %% [markdown]
+# ## Alternative: TensorFlow's `TPUStrategy`
+#
+# keras_accum runs on the TensorFlow backend too, where a TPU is driven by
+# `tf.distribute.TPUStrategy`. That path needs a TensorFlow build with TPU
+# support: **TensorFlow 2.19.1 is the last release that has it**, and Colab's
+# TPU runtimes ship no TensorFlow since March 2025. Use it on a Cloud TPU VM
+# (or a runtime where you install it yourself), with the TPU wheel pinned:
+#
+# ```bash
+# pip install "tensorflow-tpu==2.19.1" \
+#     -f https://storage.googleapis.com/libtpu-tf-releases/index.html
+# pip install keras-accum scikit-learn   # no [tensorflow] extra: it would
+#                                        # pull a newer tensorflow (no TPU)
+# ```
+#
+# Then, in a fresh process (not after the JAX cells above: the backend is
+# chosen once, when Keras is imported), build and compile the model under
+# the strategy's scope; `fit` needs no change:
+#
+# ```python
+# import os
+# os.environ["KERAS_BACKEND"] = "tensorflow"  # before importing Keras
+#
+# import tensorflow as tf
+# import keras
+# import keras_accum
+#
+# resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu="local")
+# tf.config.experimental_connect_to_cluster(resolver)
+# tf.tpu.experimental.initialize_tpu_system(resolver)
+# strategy = tf.distribute.TPUStrategy(resolver)
+# print("TPU cores:", strategy.num_replicas_in_sync)
+#
+# GLOBAL_BATCH = 16 * strategy.num_replicas_in_sync
+# with strategy.scope():  # weights, optimizer slots and accumulators on the TPU
+#     model = build(keras_accum.AccumulatingModel, accumulate=ACCUMULATE)
+#     model.compile(
+#         optimizer=keras.optimizers.Adam(1e-2),
+#         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+#         steps_per_execution=ACCUMULATE,
+#     )
+# model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False)
+# ```
+#
+# (`tpu="local"` on a TPU VM; on an old-style Colab TPU node
+# `TPUClusterResolver()` finds the address itself.) `build`, `x`, `y`,
+# `ACCUMULATE` and `EPOCHS` are the ones defined above. With
+# `TPUStrategy` every batch's examples are split over the replicas and
+# keras_accum sums the replicas' gradients into its accumulators, exactly as
+# under `DataParallel` on JAX; the repository's tests check the
+# TensorFlow strategies (`MirroredStrategy`, multi-worker) on CPUs.

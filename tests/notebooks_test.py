@@ -11,6 +11,8 @@ no outputs.
 and, as on a Colab TPU runtime, without TensorFlow: the test prepends a cell
 `sys.modules["tensorflow"] = None` (in memory only), which makes any
 `import tensorflow` fail, and checks at the end that it still holds.
+`01_quickstart` keeps a `KERAS_BACKEND` set before it starts, so it runs
+twice: on TensorFlow, and on JAX with TensorFlow blocked the same way.
 """
 
 import os
@@ -33,6 +35,11 @@ NOTEBOOKS = [
 CELL_TIMEOUT_S = 300
 # Run on JAX with TensorFlow not importable, as on a Colab TPU runtime.
 WITHOUT_TENSORFLOW = {"colab_tpu"}
+# (notebook, backend): every notebook once, on its own backend (None: as the
+# notebook chooses), plus the quickstart on JAX without TensorFlow.
+RUNS = [(path, None) for path in NOTEBOOKS] + [
+    (EXAMPLES / "notebooks" / "01_quickstart.ipynb", "jax"),
+]
 BLOCK_TENSORFLOW = 'import sys\nsys.modules["tensorflow"] = None'
 STILL_BLOCKED = 'assert sys.modules["tensorflow"] is None'
 COLAB_PREFIX = "https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/"
@@ -79,11 +86,18 @@ def test_notebook_has_badge_and_guarded_install_and_no_outputs(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs_top_to_bottom(path):
+@pytest.mark.parametrize(
+    ("path", "backend"), RUNS,
+    ids=[path.stem + (f"-{backend}" if backend else "")
+         for path, backend in RUNS],
+)
+def test_notebook_runs_top_to_bottom(path, backend):
     notebook = nbformat.read(path, as_version=4)
     env = dict(os.environ)
-    if path.stem in WITHOUT_TENSORFLOW:
+    # A backend-neutral notebook follows KERAS_BACKEND: pin it, so that a
+    # test session run with KERAS_BACKEND=jax does not move the default run.
+    env["KERAS_BACKEND"] = backend or "tensorflow"
+    if path.stem in WITHOUT_TENSORFLOW or backend == "jax":
         # The notebook picks its devices itself; the JAX test run's
         # XLA_FLAGS must not leak into it.
         env.pop("XLA_FLAGS", None)

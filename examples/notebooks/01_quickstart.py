@@ -22,7 +22,8 @@
 # each mini-batch's gradient into accumulators instead of applying it; the
 # optimizer applies the accumulated gradient once per *window*. This notebook
 # shows the epoch mode (one update per epoch), what `fit` logs, and exactly
-# when the updates happen. It runs in a few seconds on a CPU.
+# when the updates happen. It runs in a few seconds on a CPU, on either Keras
+# backend: TensorFlow (the default here) or JAX.
 
 # %%
 import subprocess
@@ -41,12 +42,17 @@ if "google.colab" in sys.modules:
 # %%
 import os
 
-os.environ["KERAS_BACKEND"] = "tensorflow"  # keras_accum needs TensorFlow.
+# keras_accum runs on TensorFlow and on JAX. The backend is fixed when Keras
+# is imported: keep one chosen before (e.g. `KERAS_BACKEND=jax` in the
+# environment), else TensorFlow. Nothing below depends on the backend.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 import numpy as np
 
 import keras_accum
+
+print(f"Keras {keras.__version__} on {keras.backend.backend()}")
 
 # %% [markdown]
 # A small regression problem: 1000 examples, 8 features. `validation_split=0.2`
@@ -201,7 +207,8 @@ print(f"Largest weight difference after 5 updates: {difference:.1e}")
 #
 # * [02_big_batch_on_small_memory.ipynb](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/notebooks/02_big_batch_on_small_memory.ipynb):
 #   an effective batch of 4096 from micro-batches of 64, and the memory it saves.
-# * [colab_tpu.ipynb](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/colab_tpu.ipynb): the same under
-#   `tf.distribute.TPUStrategy`, with XLA.
+# * [colab_tpu.ipynb](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/colab_tpu.ipynb): on a TPU
+#   with JAX and `keras.distribution.DataParallel` (TensorFlow's
+#   `TPUStrategy` as the documented alternative).
 # * `examples/train_digits.py`: a convnet trained plainly, in epoch mode and with
 #   `accumulate=8`, with a comparison table.
