@@ -57,12 +57,22 @@ FULL_EXACT_KS = (4, 8)
 QUICK_EXACT_KS = (4,)
 EXACT_EPOCHS = 3
 
-# JAX (`KERAS_BACKEND=jax python benchmarks/run.py`): the timing phase only
+# JAX (`KERAS_BACKEND=jax python benchmarks/run.py`): timing and memory
 # (the other phases use TensorFlow's profiler, strategies and `tf.data`),
-# sized to run in about two minutes on two CPU cores. `jit_compile=True`
-# (JAX's default; `False` would run every op eagerly).
-JAX_MODELS = ("mlp",)
+# most of it XLA compilation (one per configuration and process). Sized for
+# about six minutes; it took 15 on two cores that other processes kept ~60%
+# busy (benchmarks/README.md). `jit_compile=True` (JAX's
+# default; `False` would run every op eagerly). The micro-batch is smaller
+# than TensorFlow's so that the convnet's epochs stay short while every k
+# still divides the epoch (examples = JAX_MICRO_BATCH * max(JAX_KS)).
+JAX_MODELS = ("mlp", "convnet", "transformer")
 JAX_OPTIMIZERS = ("sgd", "adam")
-JAX_KS = (1, 8, 32)
-JAX_EXAMPLES = {"mlp": 2048}
-JAX_TIMING_ROUNDS = 4
+JAX_KS = (4, 8, 32)
+JAX_MICRO_BATCH = 16
+JAX_EXAMPLES = {"mlp": 512, "convnet": 512, "transformer": 512}
+JAX_TIMING_ROUNDS = 3
+# Memory on JAX: one fresh (forked) process per configuration, each paying
+# its own compilation, so a smaller grid: Adam, k = 8, every model.
+JAX_MEMORY_OPTIMIZERS = ("adam",)
+JAX_MEMORY_KS = (8,)
+JAX_MEMORY_EPOCHS = 1

@@ -99,16 +99,17 @@ def config_key(config):
     return key
 
 
-def configurations(ks, include_reference=True):
+def configurations(ks, include_reference=True, include_epoch=True):
     """Every configuration of one (model, optimizer) group, k-independent
-    ones first."""
+    ones first. `keras_accum` at k=1 only when 1 is in `ks`."""
     configs = [{"method": "plain_b", "k": 1}]
     for k in ks:
         if k >= 2:
             configs.append({"method": "plain_kb", "k": k})
             configs.append({"method": "builtin", "k": k})
         configs.append({"method": "keras_accum", "k": k})
-    configs.append({"method": "keras_accum_epoch", "k": None})
+    if include_epoch:
+        configs.append({"method": "keras_accum_epoch", "k": None})
     if include_reference:
         configs.append({"method": "fwd_bwd", "k": 1})
     return configs

@@ -507,7 +507,7 @@ def jax_section(data):
     machine, settings = data["machine"], data["settings"]
     lines = [
         JAX_START,
-        "## JAX backend (timing)",
+        "## JAX backend (timing and memory)",
         "",
         (f"Generated {data['generated']} by `KERAS_BACKEND=jax "
          f"{data['command']}` ({settings['mode']} mode, "
@@ -520,8 +520,14 @@ def jax_section(data):
          f"then {settings['timing_rounds']} interleaved rounds, median), "
          f"micro-batch b = {settings['micro_batch']}, examples per epoch "
          f"{settings['examples']}, NumPy arrays given to `fit` (no "
-         "`tf.data`), `jit_compile=True` (JAX's default). No memory "
-         "columns and no `fwd_bwd` reference: those phases use TensorFlow."),
+         "`tf.data`), `jit_compile=True` (JAX's default). Memory: one "
+         "fresh (forked) process per configuration for optimizers "
+         f"{settings.get('memory_optimizers')} and k in "
+         f"{settings.get('memory_ks')}; peak RSS during one `fit` of "
+         f"{settings.get('memory_epochs')} epoch minus RSS just before it "
+         "(includes XLA's compilation of the step, which happens inside "
+         "`fit`); n/a elsewhere. No `fwd_bwd` reference and no "
+         "exactness, distributed or profile phases: those use TensorFlow."),
         "",
     ]
     for model in settings["models"]:

@@ -4,7 +4,7 @@ Usage (from the repository root):
 
     python benchmarks/run.py            # full run, ~20-25 min on 2 cores
     python benchmarks/run.py --quick    # smoke run, < 3 min
-    KERAS_BACKEND=jax python benchmarks/run.py   # JAX timing, ~2 min
+    KERAS_BACKEND=jax python benchmarks/run.py   # JAX timing+memory, 6-15 min
 
 The full run writes `benchmarks/results.md` and `benchmarks/results/`; the
 quick run writes to `benchmarks/results/tmp/quick/` unless `--out` is given.
@@ -37,9 +37,9 @@ import isolation
 # is snapshotted first (see `snapshot_library`), then imported from the copy.
 
 PHASES = ("timing", "memory", "exactness", "distributed", "profile")
-# On JAX only the timing phase runs: the others use TensorFlow's profiler,
+# On JAX timing and memory run: the others use TensorFlow's profiler,
 # `tf.distribute` and `tf.data`.
-JAX_PHASES = ("timing",)
+JAX_PHASES = ("timing", "memory")
 
 
 def snapshot_library():
@@ -95,7 +95,7 @@ def _settings(quick):
     if BACKEND == "jax" and not quick:
         return {
             "mode": "jax",
-            "micro_batch": config.MICRO_BATCH,
+            "micro_batch": config.JAX_MICRO_BATCH,
             "ks": list(config.JAX_KS),
             "models": list(config.JAX_MODELS),
             "optimizers": list(config.JAX_OPTIMIZERS),
@@ -103,6 +103,12 @@ def _settings(quick):
             "examples": config.JAX_EXAMPLES,
             "timing_rounds": config.JAX_TIMING_ROUNDS,
             "jit_compile": True,
+            # Plain fit at b and k*b, the built-in and keras_accum at each
+            # k; no k=1 or "epoch" keras_accum rows (the TF run has them).
+            "timing_configs": "plain_b, plain_kb, builtin, keras_accum",
+            "memory_epochs": config.JAX_MEMORY_EPOCHS,
+            "memory_optimizers": list(config.JAX_MEMORY_OPTIMIZERS),
+            "memory_ks": list(config.JAX_MEMORY_KS),
         }
     return {
         "mode": "quick" if quick else "full",
@@ -264,10 +270,21 @@ class Runner:
         self.log(f"wrote {self.json_path} and "
                  f"{os.path.join(self.args.out, 'results.md')}")
 
-    def _groups(self):
+    def _groups(self, optimizers=None):
         for model in self.settings["models"]:
-            for optimizer in self.settings["optimizers"]:
+            for optimizer in optimizers or self.settings["optimizers"]:
                 yield model, optimizer
+
+    def _timing_configs(self):
+        """`None` (every configuration) on TensorFlow; on JAX the compared
+        methods only, each configuration costing an XLA compilation."""
+        if self.settings["mode"] != "jax":
+            return None
+        import methods
+
+        return methods.configurations(
+            self.settings["ks"], include_reference=False, include_epoch=False
+        )
 
     def phase_timing(self):
         timing_results = self.data.setdefault("timing", {})
@@ -279,9 +296,10 @@ class Runner:
                 "ks": self.settings["ks"],
                 "examples": self.settings["examples"][model],
                 "rounds": self.settings["timing_rounds"],
-                "micro_batch": config.MICRO_BATCH,
+                "micro_batch": self.settings["micro_batch"],
                 "learning_rate": config.LEARNING_RATES[optimizer],
                 "jit_compile": self.settings["jit_compile"],
+                "configs": self._timing_configs(),
             })
             timing_results.setdefault(model, {})[optimizer] = rows or []
             self.save()
@@ -293,8 +311,17 @@ class Runner:
 
         memory_results = self.data.setdefault("memory", {})
         jobs = max(1, self.args.memory_jobs)
-        for model, optimizer in self._groups():
-            configs = methods.configurations(self.settings["ks"])
+        jax_mode = BACKEND == "jax"
+        groups = self._groups(self.settings.get("memory_optimizers"))
+        for model, optimizer in groups:
+            if jax_mode:
+                configs = methods.configurations(
+                    self.settings.get("memory_ks", self.settings["ks"]),
+                    include_reference=False,
+                    include_epoch=False,
+                )
+            else:
+                configs = methods.configurations(self.settings["ks"])
             self.log(f"  memory {model}/{optimizer}: {len(configs)} "
                      f"processes, {jobs} at a time")
             kwargs = [{
@@ -302,9 +329,10 @@ class Runner:
                 "optimizer": optimizer,
                 "config": config_,
                 "examples": self.settings["examples"][model],
-                "micro_batch": config.MICRO_BATCH,
+                "micro_batch": self.settings["micro_batch"],
                 "learning_rate": config.LEARNING_RATES[optimizer],
                 "epochs": self.settings["memory_epochs"],
+                "jit_compile": self.settings["jit_compile"],
             } for config_ in configs]
             with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
                 rows = list(pool.map(
@@ -315,7 +343,8 @@ class Runner:
                 row for row in rows if row is not None
             ]
             self.save()
-        if self.args.isolation == "fork" and not self.quick:
+        if (self.args.isolation == "fork" and not self.quick
+                and not jax_mode):
             self._isolation_check()
 
     def _isolation_check(self):
@@ -453,10 +482,10 @@ def main(argv=None):
         import keras  # noqa: F401
         import timing  # noqa: F401
 
+        import memory  # noqa: F401
         import keras_accum  # noqa: F401
 
         if BACKEND != "jax":
-            import memory  # noqa: F401
             import profile_step  # noqa: F401
             import tensorflow  # noqa: F401
     try:
