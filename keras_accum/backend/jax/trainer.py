@@ -209,7 +209,11 @@ class JAXAccumulationTrainer:
             (trainable, self.trainable_variables),
             (non_trainable, self.non_trainable_variables),
             (optimizer, self.optimizer.variables if optimizer else []),
-            (optimizer, self._accumulator.state_variables()),
+            (
+                optimizer and self._window_in_state(),
+                self._accumulator.state_variables()
+                if self._accumulator.built else [],
+            ),
             (metrics, self.metrics_variables),
         ]
         self._functions.purged = [
