@@ -144,10 +144,10 @@ class WindowLoss(keras.metrics.Mean):
     def reset_state(self):
         super().reset_state()
         if self.window_sums is not None:
-            self.window_sums.assign(ops.zeros_like(self.window_sums))
-            self.window_normalisers.assign(
-                ops.zeros_like(self.window_normalisers)
-            )
+            # `zeros`, not `zeros_like(variable)`: Keras 3.10 on JAX with
+            # NumPy >= 2.3 cannot take a variable's (string) dtype there.
+            for variable in (self.window_sums, self.window_normalisers):
+                variable.assign(ops.zeros(variable.shape, variable.dtype))
             self.window_examples.assign(0)
 
     def result(self):
