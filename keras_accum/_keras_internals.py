@@ -336,6 +336,15 @@ if BACKEND == "tensorflow":
         "keras.Model._maybe_symbolic_build",
     )
 
+#: How the JAX trainer keeps the state's shardings from step to step. From
+#: Keras 3.12, `JAXTrainer._get_state_sharding_spec()` gives `jax.jit` its
+#: `out_shardings`; up to 3.11, `fit` records them
+#: (`_record_training_state_sharding_spec`, into `_*_variable_shardings`)
+#: and Keras' own steps end in `_enforce_jax_state_sharding(...)`, which the
+#: accumulating step does too (measured on 3.10.0 and 3.11.3: no
+#: `_get_state_sharding_spec`).
+JAX_STATE_SHARDING_IN_JIT = KERAS_VERSION >= (3, 12)
+
 #: The JAX trainer's state passing (`keras/src/backend/jax/trainer.py`),
 #: which the JAX step extends with the accumulators: methods of
 #: `JAXTrainer` and the parameters `AccumulatingModel` passes or reads.
@@ -347,13 +356,16 @@ JAX_TRAINER_METHODS = {
     ),
     "_purge_model_variables": ("optimizer_variables",),
     "jax_state_sync": (),
-    "_get_state_sharding_spec": (),
     "compute_loss_and_updates": (
         "trainable_variables", "non_trainable_variables",
         "metrics_variables", "x", "y", "sample_weight", "training",
         "optimizer_variables",
     ),
 }
+if JAX_STATE_SHARDING_IN_JIT:
+    JAX_TRAINER_METHODS["_get_state_sharding_spec"] = ()
+else:
+    JAX_TRAINER_METHODS["_record_training_state_sharding_spec"] = ()
 if BACKEND == "jax":
     for _name, _parameters in JAX_TRAINER_METHODS.items():
         _require_parameters(
@@ -437,8 +449,23 @@ def compiled_losses(model):
 
 # --- keras.Variable ---------------------------------------------------------
 
+def _variable_init():
+    """The first `__init__` up `keras.Variable`'s MRO that names its
+    parameters: up to Keras 3.11, the JAX backend's `Variable.__init__(self,
+    *args, layout=None, **kwargs)` passes them on to `KerasVariable`'s."""
+    for cls in keras.Variable.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        kinds = {p.kind for p in inspect.signature(init).parameters.values()}
+        if not {inspect.Parameter.VAR_POSITIONAL,
+                inspect.Parameter.VAR_KEYWORD} <= kinds:
+            return init
+    return keras.Variable.__init__
+
+
 _require_parameters(
-    keras.Variable.__init__, ("synchronization", "aggregation"),
+    _variable_init(), ("synchronization", "aggregation"),
     "keras.Variable (Keras >= 3.10)",
 )
 

@@ -149,6 +149,9 @@ class WindowLoss(keras.metrics.Mean):
     def reset_state(self):
         super().reset_state()
         if self.window_sums is not None:
+            # `zeros`, not `zeros_like(variable)`: a variable is no array
+            # inside JAX's stateless step, and Keras 3.10 on JAX with
+            # NumPy >= 2.3 cannot take its (string) dtype.
             for variable in (self.window_sums, self.window_normalisers):
                 variable.assign(ops.zeros(variable.shape, variable.dtype))
             self.window_examples.assign(0)

@@ -5,10 +5,18 @@ with exactly that TensorFlow and Keras, the test requirements, and keras_accum
 installed from this checkout or from a built wheel (`--wheel`), then runs the
 tests marked `slice` (exactness, normalisation, saving round trips of every
 model form, schedules, one distribution test, the Keras-internals checks).
-Each combination's last result is kept in `scripts/version_matrix.json`
-(merged, so combinations can be run one at a time); the Markdown table
-(versions x pass/fail) is made from it, and `--readme` writes it into
-README.md between the `version-matrix` markers.
+A combination that names a JAX version (jaxlib the same) has it installed in
+the same environment where pip can install it beside that TensorFlow, and
+also runs the tests marked `slice` and `jax` on JAX (`KERAS_BACKEND=jax`).
+Where pip cannot (TensorFlow 2.16 pins `ml-dtypes~=0.3.1`; JAX 0.4.29 and
+>= 0.4.35 need `ml-dtypes>=0.4`; `JAX_APART` names such combinations, so
+that no run pays for finding out), the JAX slice gets a second, small
+environment: that Keras and JAX and no TensorFlow, as `keras-accum[jax]` on
+a TPU runtime has it (tests/conftest.py then leaves out the modules that
+need TensorFlow). Each combination's last result is kept in
+`scripts/version_matrix.json` (merged, so combinations can be run one at a
+time); the Markdown table (versions x pass/fail) is made from it, and
+`--readme` writes it into README.md between the `version-matrix` markers.
 
 Usage:
 
@@ -25,29 +33,38 @@ rebuild cheap. `tensorflow-cpu` is installed: lighter, same Python code.
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+JAX_FLOOR = "0.4.29"
 RESULTS = ROOT / "scripts" / "version_matrix.json"
 
-# (TensorFlow, Keras): the supported range's ends and the versions where
-# Keras' behaviour changes (3.13: masked divisor; 3.14: activity
-# regularisation; 3.15: functional get_config). Every TensorFlow pins a Keras
-# floor: 2.16 >= 3.0, 2.17 >= 3.2, 2.18/2.19 >= 3.5, 2.20 >= 3.10, 2.21 >= 3.12.
+# (TensorFlow, Keras, JAX or None): the supported range's ends and the
+# versions where Keras' behaviour changes (3.12: JAX state shardings in
+# `jit`; 3.13: masked divisor; 3.14: activity regularisation; 3.15:
+# functional get_config). Every TensorFlow pins a Keras floor: 2.16 >= 3.0,
+# 2.17 >= 3.2, 2.18/2.19 >= 3.5, 2.20 >= 3.10, 2.21 >= 3.12. The lowest JAX
+# is the floor in pyproject.toml's `jax` extra (README, "Compatibility").
 MATRIX = {
-    "lowest": ("2.16.2", "3.10.0"),
-    "tf2.17-keras3.11": ("2.17.1", "3.11.3"),
-    "tf2.18-keras3.12": ("2.18.1", "3.12.4"),
-    "tf2.19-keras3.13": ("2.19.1", "3.13.2"),
-    "tf2.19-keras3.14": ("2.19.1", "3.14.1"),
-    "tf2.20-keras3.15": ("2.20.0", "3.15.1"),
-    "newest": ("2.21.0", "3.15.1"),
+    "lowest": ("2.16.2", "3.10.0", JAX_FLOOR),
+    "tf2.17-keras3.11": ("2.17.1", "3.11.3", None),
+    "tf2.18-keras3.12": ("2.18.1", "3.12.4", None),
+    "tf2.19-keras3.13": ("2.19.1", "3.13.2", None),
+    "tf2.19-keras3.14": ("2.19.1", "3.14.1", None),
+    "tf2.20-keras3.15": ("2.20.0", "3.15.1", None),
+    "newest": ("2.21.0", "3.15.1", "0.10.2"),
 }
+# Combinations whose JAX pip cannot install beside their TensorFlow, so its
+# slice goes straight to an environment of its own (trying costs CI ~25 s):
+# TensorFlow 2.16 pins `ml-dtypes~=0.3.1`, JAX 0.4.29 needs >= 0.4.
+JAX_APART = {"lowest"}
 TEST_REQUIREMENTS = ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6",
                      "psutil>=5"]
 BEGIN = "<!-- version-matrix:begin (scripts/version_matrix.py) -->"
@@ -61,19 +78,38 @@ def _run(command, log, **kwargs):
                           **kwargs).returncode
 
 
-def environment(venvs, name, tensorflow, keras, wheel, log):
-    """Creates (or reuses) the venv of one combination; returns its python."""
-    venv = venvs / f"tf{tensorflow}-keras{keras}"
+class ResolutionError(RuntimeError):
+    """pip could not install a combination's packages together."""
+
+
+def environment(venvs, name, tensorflow, keras, wheel, log, jax=None):
+    """Creates (or reuses) the venv of one combination; returns its python.
+
+    `tensorflow` and `jax` may each be `None` (not installed); jaxlib is
+    installed at `jax`'s version.
+    """
+    packages = [f"keras=={keras}"]
+    if tensorflow is not None:
+        packages.insert(0, f"tensorflow-cpu=={tensorflow}")
+    if jax is not None:
+        packages += [f"jax=={jax}", f"jaxlib=={jax}"]
+    venv = venvs / "-".join(
+        part for part in (
+            tensorflow and f"tf{tensorflow}", f"keras{keras}",
+            jax and f"jax{jax}",
+        ) if part
+    )
     python = venv / "bin" / "python"
     if not python.exists():
         if _run([sys.executable, "-m", "venv", venv], log):
             raise RuntimeError(f"{name}: venv creation failed")
         _run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"], log)
-        if _run([python, "-m", "pip", "install", "-q",
-                 f"tensorflow-cpu=={tensorflow}", f"keras=={keras}",
+        if _run([python, "-m", "pip", "install", "-q", *packages,
                  *TEST_REQUIREMENTS], log):
-            raise RuntimeError(f"{name}: pip could not install "
-                               f"tensorflow-cpu=={tensorflow} keras=={keras}")
+            # Not reused half-installed by the next run.
+            shutil.rmtree(venv)
+            raise ResolutionError(f"{name}: pip could not install "
+                                  f"{' '.join(packages)}")
     # keras_accum itself, without letting pip move TensorFlow or Keras
     # (`tensorflow-cpu` does not satisfy a `tensorflow` requirement for pip,
     # so the declared requirements are checked by `_REQUIREMENTS_CHECK`).
@@ -81,16 +117,20 @@ def environment(venvs, name, tensorflow, keras, wheel, log):
     if _run([python, "-m", "pip", "install", "-q", "--force-reinstall",
              "--no-deps", target], log):
         raise RuntimeError(f"{name}: could not install {target}")
-    if _run([python, "-c", _REQUIREMENTS_CHECK], log, cwd="/"):
+    extras = [name for name, version in (("tensorflow", tensorflow),
+                                         ("jax", jax)) if version]
+    if _run([python, "-c", _REQUIREMENTS_CHECK, *extras], log, cwd="/"):
         raise RuntimeError(f"{name}: keras-accum's requirements exclude "
-                           f"tensorflow {tensorflow} / keras {keras}")
+                           f"{' '.join(packages)}")
     return python
 
 
 # Fails when the installed TensorFlow, Keras or Python is outside what
-# keras-accum's metadata declares (the pins in pyproject.toml).
+# keras-accum's metadata declares (the pins in pyproject.toml), and those
+# of the extras named as arguments (`tensorflow`, `jax`).
 _REQUIREMENTS_CHECK = """
 import platform
+import sys
 from importlib import metadata
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -102,8 +142,11 @@ if python not in Requirement("python" + declared["Requires-Python"]).specifier:
     problems.append(f"python {python} not in {declared['Requires-Python']}")
 for text in metadata.requires("keras-accum") or []:
     requirement = Requirement(text)
-    if requirement.marker is not None:
-        continue  # an extra
+    if requirement.marker is not None and not any(
+        requirement.marker.evaluate({"extra": extra})
+        for extra in sys.argv[1:]
+    ):
+        continue  # an extra not checked
     names = [requirement.name]
     if requirement.name == "tensorflow":
         names.append("tensorflow-cpu")
@@ -120,19 +163,23 @@ raise SystemExit(1 if problems else 0)
 """
 
 
-def run_slice(python, log, workers):
+def run_slice(python, log, workers, jax=False):
     """Runs the slice on the *installed* keras_accum: `python -P` keeps the
     checkout off the front of `sys.path`, and `--import-mode=append` adds it
-    at the end, only for `tests`."""
-    probe = ("import keras, tensorflow, keras_accum; "
+    at the end, only for `tests`. With `jax`, the `slice and jax` tests on
+    JAX."""
+    backend = "jax" if jax else "tensorflow"
+    environment = {**os.environ, "KERAS_BACKEND": backend}
+    probe = (f"import keras, {backend}, keras_accum; "
              "print('keras_accum from', keras_accum.__file__, 'keras', "
-             "keras.version(), 'tensorflow', tensorflow.__version__)")
-    _run([python, "-c", probe], log, cwd="/")
-    command = [python, "-P", "-m", "pytest", "-m", "slice", "-q", "-rs",
+             f"keras.version(), '{backend}', {backend}.__version__)")
+    _run([python, "-c", probe], log, cwd="/", env=environment)
+    command = [python, "-P", "-m", "pytest",
+               "-m", "slice and jax" if jax else "slice", "-q", "-rs",
                "--durations=6", "-p", "no:cacheprovider",
                "--import-mode=append", "-n", str(workers)]
     start = time.monotonic()
-    code = _run(command, log, cwd=ROOT)
+    code = _run(command, log, cwd=ROOT, env=environment)
     return code, time.monotonic() - start
 
 
@@ -140,27 +187,35 @@ def summary(log_path):
     text = log_path.read_text(errors="replace")
     found = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", text,
                        re.MULTILINE)
-    return found[-1].strip(" =") if found else "no pytest summary"
+    if not found:
+        return "no pytest summary"
+    return re.sub(r", \d+ deselected", "", found[-1].strip(" ="))
 
 
 def table(results):
     lines = [
-        "| TensorFlow | Keras | Python | slice | result | date |",
-        "|---|---|---|---|---|---|",
+        "| TensorFlow | Keras | JAX | Python | slice | JAX slice | result "
+        "| date |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in MATRIX:
         row = results.get(name)
         if row is None:
             continue
+        jax = row.get("jax")
         lines.append(
-            f"| {row['tensorflow']} | {row['keras']} | {row['python']} | "
-            f"{row['summary']} | {'pass' if row['ok'] else '**fail**'} | "
-            f"{row['date']} |"
+            f"| {row['tensorflow']} | {row['keras']} | {jax or '-'} | "
+            f"{row['python']} | {row['summary']} | "
+            f"{row.get('jax_summary', '-') if jax else '-'} | "
+            f"{'pass' if row['ok'] else '**fail**'} | {row['date']} |"
         )
     lines.append("")
     lines.append(
         "Produced by `scripts/version_matrix.py` (Linux x86-64, "
-        "`tensorflow-cpu`, keras_accum installed from the checkout)."
+        "`tensorflow-cpu`, keras_accum installed from the checkout; the "
+        "JAX slice with JAX and jaxlib of the JAX column, in the same "
+        "environment or, where pip cannot install them beside that "
+        "TensorFlow, one without TensorFlow)."
     )
     return "\n".join(lines)
 
@@ -200,30 +255,65 @@ def main():
     ok = True
     names = [] if arguments.table_only else arguments.only or MATRIX
     for name in names:
-        tensorflow, keras = MATRIX[name]
-        log_path = arguments.venvs / f"{name}.log"
-        with log_path.open("w") as log:
-            try:
-                python = environment(arguments.venvs, name, tensorflow, keras,
-                                     arguments.wheel, log)
-                code, seconds = run_slice(python, log, arguments.workers)
-            except RuntimeError as error:
-                log.write(f"{error}\n")
-                code, seconds = 1, 0.0
+        tensorflow, keras, jax = MATRIX[name]
         row = {
-            "tensorflow": tensorflow, "keras": keras,
-            "python": python_version, "ok": code == 0,
-            "summary": summary(log_path),
+            "tensorflow": tensorflow, "keras": keras, "jax": jax,
+            "python": python_version,
             "date": datetime.date.today().isoformat(),
-            "seconds": round(seconds),
         }
+        python, together = None, name not in JAX_APART
+        for prefix in ["", "jax_"] if jax else [""]:
+            log_path = arguments.venvs / f"{name}{'-jax' if prefix else ''}.log"
+            start = time.monotonic()
+            with log_path.open("w") as log:
+                try:
+                    if not together:
+                        python = environment(
+                            arguments.venvs, name,
+                            None if prefix else tensorflow, keras,
+                            arguments.wheel, log, jax=jax if prefix else None,
+                        )
+                    elif python is None:
+                        try:
+                            # Both slices in one environment where pip can
+                            # install TensorFlow, Keras and JAX together.
+                            python = environment(
+                                arguments.venvs, name, tensorflow, keras,
+                                arguments.wheel, log, jax=jax,
+                            )
+                        except ResolutionError as error:
+                            if jax is None:
+                                raise
+                            log.write(f"{error}; the JAX slice gets an "
+                                      "environment of its own\n")
+                            together = False
+                            python = environment(
+                                arguments.venvs, name,
+                                None if prefix else tensorflow, keras,
+                                arguments.wheel, log,
+                                jax=jax if prefix else None,
+                            )
+                    code, seconds = run_slice(python, log, arguments.workers,
+                                              jax=bool(prefix))
+                except RuntimeError as error:
+                    log.write(f"{error}\n")
+                    code, seconds = 1, 0.0
+            row[f"{prefix}ok"] = code == 0
+            row[f"{prefix}summary"] = summary(log_path)
+            row[f"{prefix}seconds"] = round(seconds)
+            what = f"JAX {jax}" if prefix else f"TF {tensorflow}"
+            print(f"{name}: {what}, Keras {keras}: "
+                  f"{'pass' if code == 0 else 'FAIL'} "
+                  f"({row[f'{prefix}summary']}, tests {seconds:.0f} s, "
+                  f"in all {time.monotonic() - start:.0f} s; log {log_path})",
+                  flush=True)
+            if code != 0:
+                lines = log_path.read_text(errors="replace").splitlines()
+                print("\n".join(lines[-60:]), flush=True)
+        if jax:
+            row["jax_environment"] = "shared" if together else "own"
+        row["ok"] = row["ok"] and row.get("jax_ok", True)
         ok = ok and row["ok"]
-        print(f"{name}: TF {tensorflow}, Keras {keras}: "
-              f"{'pass' if row['ok'] else 'FAIL'} ({row['summary']}, "
-              f"{seconds:.0f} s; log {log_path})", flush=True)
-        if not row["ok"]:
-            lines = log_path.read_text(errors="replace").splitlines()
-            print("\n".join(lines[-60:]), flush=True)
         if arguments.wheel is None:
             # Results of the checkout only (a wheel run is CI's check),
             # written at once so an interrupted run keeps what it measured.

@@ -9,12 +9,17 @@ same reference by far more, so each check can fail.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_accum
 from keras_accum import AccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
+
+
+def _tensorflow():
+    """TensorFlow, for the tests that use it (on JAX it may be absent)."""
+    return pytest.importorskip("tensorflow")
+
 
 pytestmark = pytest.mark.jax
 
@@ -176,6 +181,7 @@ class TestExactness:
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
         start = [w.numpy() for w in model.weights]
         total = [np.zeros_like(w) for w in start]
+        tf = _tensorflow()
         for begin in range(0, N_EXAMPLES, BATCH):
             with tf.GradientTape() as tape:
                 prediction = model(x[begin : begin + BATCH])
@@ -384,7 +390,8 @@ class TestFitIntegration:
 
             data = Batches()
         else:
-            data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+            data = _tensorflow().data.Dataset.from_tensor_slices((x, y))
+            data = data.batch(BATCH)
             if source == "unknown-cardinality":
                 data = data.filter(lambda *_: True)
         model = self._model(accumulate="epoch")
@@ -398,7 +405,8 @@ class TestFitIntegration:
 
     def test_steps_per_epoch_and_initial_epoch(self):
         x, y = helpers.regression_data(640)
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(64).repeat()
+        data = _tensorflow().data.Dataset.from_tensor_slices((x, y))
+        data = data.batch(64).repeat()
         model = self._model(accumulate="epoch")
         history = model.fit(
             data, steps_per_epoch=5, epochs=4, initial_epoch=1, verbose=0

@@ -8,7 +8,9 @@ for `keras.distribution.DataParallel`, float64 is enabled, and only tests
 marked `jax` run (`python -m pytest -m jax`); the others use TensorFlow.
 """
 
+import importlib.util
 import os
+import re
 
 BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,6 +45,43 @@ else:
     tf.config.set_logical_device_configuration(
         _cpu, [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS
     )
+
+
+# On JAX, TensorFlow may be absent (`keras-accum[jax]`; scripts/
+# version_matrix.py runs a JAX slice without it where pip cannot install
+# that JAX beside that TensorFlow). Then a test
+# module that imports TensorFlow at its top, or is not marked `jax` (its
+# tests would be skipped anyway), is not collected; the header names them.
+_WITHOUT_TENSORFLOW = (
+    BACKEND == "jax" and importlib.util.find_spec("tensorflow") is None
+)
+_TOP_LEVEL_TENSORFLOW = re.compile(r"^(import|from) tensorflow\b", re.M)
+
+
+def _needs_tensorflow(path):
+    """Whether the test module at `path` is left out without TensorFlow."""
+    if path.suffix != ".py" or not path.name.endswith("_test.py"):
+        return False
+    source = path.read_text()
+    return "pytest.mark.jax" not in source or bool(
+        _TOP_LEVEL_TENSORFLOW.search(source)
+    )
+
+
+def pytest_ignore_collect(collection_path, config):
+    if _WITHOUT_TENSORFLOW and _needs_tensorflow(collection_path):
+        return True
+    return None
+
+
+def pytest_report_header(config):
+    if not _WITHOUT_TENSORFLOW:
+        return None
+    left_out = sorted(
+        path.name for path in (config.rootpath / "tests").glob("*_test.py")
+        if _needs_tensorflow(path)
+    )
+    return "no TensorFlow: not collected: " + ", ".join(left_out)
 
 
 def pytest_collection_modifyitems(config, items):

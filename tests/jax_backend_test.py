@@ -53,7 +53,12 @@ def _big_batch(accumulate, epochs=2):
 
 
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("accumulate", ["epoch", 3])
+# `accumulate=3` is the version matrix's JAX distribution check (`slice`):
+# Keras 3.10's `keras.distribution` on JAX needs JAX >= 0.4.29
+# (`jax.make_array_from_process_local_data`).
+@pytest.mark.parametrize(
+    "accumulate", ["epoch", pytest.param(3, marks=pytest.mark.slice)]
+)
 def test_data_parallel_equals_single_device_big_batch(accumulate):
     import jax
 

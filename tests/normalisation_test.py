@@ -336,6 +336,7 @@ def test_activity_regulariser_with_several_loss_terms():
 
 
 @pytest.mark.slice
+@pytest.mark.tensorflow_only
 @pytest.mark.usefixtures("float64")
 def test_activity_regulariser_under_two_replicas():
     """Each replica's penalty is over its shard, scaled by 1/replicas in

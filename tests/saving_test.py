@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_accum
 from keras_accum import AccumulatingModel
@@ -86,6 +85,8 @@ def test_wrapped_model_round_trips(tmp_path):
 
 
 def test_export_serves_predictions(tmp_path):
+    # On JAX, `export` goes through jax2tf: it needs TensorFlow.
+    tf = pytest.importorskip("tensorflow")
     model = AccumulatingModel(*helpers.dense_graph(), accumulate=4)
     model.compile(optimizer="adam", loss="mse")
     x, y = helpers.regression_data(128)

@@ -4,7 +4,9 @@ Keras' `JAXTrainer.train_step(state, data)` takes and returns the state
 `(trainable, non_trainable, optimizer_variables, metrics_variables)`. Here
 the accumulators travel in it too, after the optimizer's own variables in
 the third entry (`_get_jax_state`, `jax_state_sync` and
-`_get_state_sharding_spec` add them), so that `fit`'s loop, which unpacks
+`_get_state_sharding_spec` add them; before Keras 3.12, which has no
+`_get_state_sharding_spec`, the step constrains Keras' part of the state
+as Keras' own step does), so that `fit`'s loop, which unpacks
 four entries, carries them from step to step on the device, with no host
 round trip per micro-step. They are not optimizer variables, so saving and
 loading the optimizer is unchanged.
@@ -346,6 +348,20 @@ class JAXAccumulationTrainer:
                 self._window_is_full(window), trainable, optimizer_values,
                 window,
             )
+        if not _keras_internals.JAX_STATE_SHARDING_IN_JIT:
+            # Keras < 3.12: its own step constrains the state it returns to
+            # the shardings `fit` recorded (`_enforce_jax_state_sharding`);
+            # so does this one, for Keras' part of the state (the window's
+            # values are left to `jit`), where they are recorded.
+            trainable, non_trainable, optimizer_values, metrics = (
+                _constrain(values, getattr(self, f"_{name}_shardings", None))
+                for values, name in (
+                    (trainable, "trainable_variable"),
+                    (non_trainable, "non_trainable_variable"),
+                    (optimizer_values, "optimizer_variable"),
+                    (metrics, "metrics_variable"),
+                )
+            )
         return logs, (
             trainable,
             non_trainable,
@@ -515,6 +531,18 @@ class JAXAccumulationTrainer:
             "through `super().train_step(state, data)`. Received: a call "
             "on the JAX backend"
         )
+
+
+def _constrain(values, shardings):
+    """`values` under `shardings` (Keras < 3.12's recorded spec), or as they
+    are where none is recorded for them."""
+    values = list(values)
+    if shardings is None or len(shardings) != len(values):
+        return values
+    return [
+        jax.lax.with_sharding_constraint(value, sharding)
+        for value, sharding in zip(values, shardings)
+    ]
 
 
 def _window_gradient(window, plan):
