@@ -435,10 +435,7 @@ class JAXAccumulationTrainer:
             )
             logs = self.compute_metrics(x, y, y_pred, sample_weight)
         metrics = [
-            scope.get_current_value(v)
-            if scope.get_current_value(v) is not None
-            else v.value
-            for v in self.metrics_variables
+            _current(scope, v) for v in self.metrics_variables
         ]
         return logs, metrics
 
@@ -545,6 +542,12 @@ def _constrain(values, shardings):
     ]
 
 
+def _current(scope, variable):
+    """`variable`'s value in a `StatelessScope`, or its own if untouched."""
+    value = scope.get_current_value(variable)
+    return variable.value if value is None else value
+
+
 def _window_gradient(window, plan):
     """The gradient a window applies: each term's sum, divided by its
     window-wide normaliser where the term is averaged, summed over terms."""
@@ -554,13 +557,7 @@ def _window_gradient(window, plan):
             normaliser = window.normalisers[term]
             # An empty term (normaliser 0) adds 0, as Keras' `divide_no_nan`.
             sums = [
-                jnp.where(
-                    normaliser == 0,
-                    jnp.zeros_like(s),
-                    s / jnp.where(normaliser == 0, 1, normaliser).astype(
-                        s.dtype
-                    ),
-                )
+                ops.divide_no_nan(s, ops.cast(normaliser, s.dtype))
                 for s in sums
             ]
         gradient = (
