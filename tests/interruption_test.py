@@ -396,8 +396,7 @@ def _dropout_model(accumulate):
 
 
 def _seeded_run(seed, accumulate):
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
+    helpers.fresh_keras_state(seed)
     model = _dropout_model(accumulate)
     x, y = _data()
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)

@@ -25,6 +25,7 @@ import tensorflow as tf
 import keras_accum
 from tests import workflows
 from tests.helpers import RTOL
+from tests.helpers import fresh_keras_state
 from tests.helpers import NaiveAveragingModel
 from tests.helpers import relative_error
 from tests.workflows import EPOCHS
@@ -715,13 +716,8 @@ WORKFLOWS = [
 ]
 
 
-def _fresh():
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(1234)
-
-
 def _run(workflow, accumulating):
-    _fresh()
+    fresh_keras_state()
     side = Side(
         accumulating, form=workflow.form,
         eager_reference=workflow.eager_reference,
