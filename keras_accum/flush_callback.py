@@ -28,8 +28,10 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
       schedules.
     - With `on_nonfinite="raise"`, a window whose accumulated gradient is
       not finite is not applied (on any replica), and `FloatingPointError`
-      is raised after the batch that ended it, naming the window's batches.
-      Windows are checked, not micro-batches: one read per window.
+      is raised before the next batch trains (at epoch end for the epoch's
+      last window), naming the window's batches. Windows are checked, not
+      micro-batches: one read per window, and no batch-end hook, so Keras
+      keeps dispatching batch-end callbacks asynchronously.
 
     Example:
 
@@ -60,7 +62,7 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
 
     @property
     def _accumulator(self):
-        accumulator = self.model._accumulator
+        accumulator = self._model._accumulator
         return accumulator if accumulator.built else None
 
     def on_train_begin(self, logs=None):
@@ -79,16 +81,25 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._windows_checked = 0
         self.model._begin_epoch(epoch)
 
-    def on_train_batch_end(self, batch, logs=None):
-        self._batches_seen = batch + 1
-        # Only after a batch that completed a window (with
-        # `steps_per_execution`, possibly several): no read on other batches.
-        if self._window and self._batches_seen // self._window > (
-            self._windows_checked
-        ):
+    def on_train_batch_begin(self, batch, logs=None):
+        # The windows completed by the batches before `batch` are checked
+        # here, before the next batch trains, and not in
+        # `on_train_batch_end`: one batch-end hook makes Keras dispatch every
+        # callback synchronously, converting each batch's logs to NumPy (a
+        # device-to-host wait per batch).
+        if self._window and batch // self._window > self._windows_checked:
+            # Only when a window was completed (with `steps_per_execution`,
+            # possibly several): no read on other batches.
             first = self._windows_checked * self._window
-            self._windows_checked = self._batches_seen // self._window
+            self._windows_checked = batch // self._window
             self._check_finite(first, self._windows_checked * self._window)
+        # The batches run once this execution ends (see `_apply_pending`).
+        steps = (self.params or {}).get("steps")
+        executed = batch + (getattr(self._model, "steps_per_execution", 1)
+                            or 1)
+        self._batches_seen = executed if steps is None else min(
+            executed, steps
+        )
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` runs before `on_epoch_end`.
@@ -125,9 +136,11 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
     def _check_finite(self, first_batch, end_batch):
         """Raises if a window of batches `[first_batch, end_batch)` was
         discarded for a non-finite gradient (`on_nonfinite="raise"`)."""
-        if self.model.on_nonfinite != "raise" or self._accumulator is None:
+        # `_model`, not `model`: on JAX, `model` syncs the whole training
+        # state into the variables; the counter is read from it directly.
+        if self._model.on_nonfinite != "raise" or self._accumulator is None:
             return
-        discarded = self.model.discarded_windows
+        discarded = self._model.discarded_windows
         if discarded > self._discarded_reported:
             self._discarded_reported = discarded
             self._epoch_pending = False

@@ -49,16 +49,17 @@ RESULTS = ROOT / "scripts" / "version_matrix.json"
 # (TensorFlow, Keras, JAX or None): the supported range's ends and the
 # versions where Keras' behaviour changes (3.12: JAX state shardings in
 # `jit`; 3.13: masked divisor; 3.14: activity regularisation; 3.15:
-# functional get_config). Every TensorFlow pins a Keras floor: 2.16 >= 3.0,
+# functional get_config), each with a JAX of its time. Every TensorFlow
+# pins a Keras floor: 2.16 >= 3.0,
 # 2.17 >= 3.2, 2.18/2.19 >= 3.5, 2.20 >= 3.10, 2.21 >= 3.12. The lowest JAX
 # is the floor in pyproject.toml's `jax` extra (README, "Compatibility").
 MATRIX = {
     "lowest": ("2.16.2", "3.10.0", JAX_FLOOR),
-    "tf2.17-keras3.11": ("2.17.1", "3.11.3", None),
-    "tf2.18-keras3.12": ("2.18.1", "3.12.4", None),
-    "tf2.19-keras3.13": ("2.19.1", "3.13.2", None),
-    "tf2.19-keras3.14": ("2.19.1", "3.14.1", None),
-    "tf2.20-keras3.15": ("2.20.0", "3.15.1", None),
+    "tf2.17-keras3.11": ("2.17.1", "3.11.3", "0.6.2"),
+    "tf2.18-keras3.12": ("2.18.1", "3.12.4", "0.7.2"),
+    "tf2.19-keras3.13": ("2.19.1", "3.13.2", "0.8.3"),
+    "tf2.19-keras3.14": ("2.19.1", "3.14.1", "0.9.2"),
+    "tf2.20-keras3.15": ("2.20.0", "3.15.1", "0.10.0"),
     "newest": ("2.21.0", "3.15.1", "0.10.2"),
 }
 # Combinations whose JAX pip cannot install beside their TensorFlow, so its
@@ -205,7 +206,7 @@ def table(results):
         jax = row.get("jax")
         lines.append(
             f"| {row['tensorflow']} | {row['keras']} | {jax or '-'} | "
-            f"{row['python']} | {row['summary']} | "
+            f"{row['python']} | {row.get('summary', '-')} | "
             f"{row.get('jax_summary', '-') if jax else '-'} | "
             f"{'pass' if row['ok'] else '**fail**'} | {row['date']} |"
         )
@@ -215,7 +216,7 @@ def table(results):
         "`tensorflow-cpu`, keras_accum installed from the checkout; the "
         "JAX slice with JAX and jaxlib of the JAX column, in the same "
         "environment or, where pip cannot install them beside that "
-        "TensorFlow, one without TensorFlow)."
+        "TensorFlow (or with `--backends jax`), one without TensorFlow)."
     )
     return "\n".join(lines)
 
@@ -238,6 +239,11 @@ def main():
                         default=pathlib.Path("/tmp/venvs"))
     parser.add_argument("--wheel", type=pathlib.Path,
                         help="install this built wheel instead of the checkout")
+    parser.add_argument("--backends", nargs="+", default=["tensorflow", "jax"],
+                        choices=["tensorflow", "jax"],
+                        help="slices to run (default: both); a backend not "
+                             "run keeps its recorded result. A JAX-only run "
+                             "installs no TensorFlow")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--readme", action="store_true",
                         help="write the table into README.md")
@@ -256,22 +262,33 @@ def main():
     names = [] if arguments.table_only else arguments.only or MATRIX
     for name in names:
         tensorflow, keras, jax = MATRIX[name]
-        row = {
+        # A backend not run keeps its recorded fields.
+        row = dict(results.get(name, {}))
+        row.update({
             "tensorflow": tensorflow, "keras": keras, "jax": jax,
             "python": python_version,
             "date": datetime.date.today().isoformat(),
-        }
-        python, together = None, name not in JAX_APART
-        for prefix in ["", "jax_"] if jax else [""]:
-            log_path = arguments.venvs / f"{name}{'-jax' if prefix else ''}.log"
+        })
+        python = None
+        together = (name not in JAX_APART
+                    and "tensorflow" in arguments.backends)
+        prefixes = [prefix for prefix, backend in (("tf_", "tensorflow"),
+                                                   ("jax_", "jax"))
+                    if backend in arguments.backends
+                    and (prefix == "tf_" or jax)]
+        for prefix in prefixes:
+            field_prefix = "" if prefix == "tf_" else prefix
+            log_path = (arguments.venvs
+                        / f"{name}{'-jax' if field_prefix else ''}.log")
             start = time.monotonic()
             with log_path.open("w") as log:
                 try:
                     if not together:
                         python = environment(
                             arguments.venvs, name,
-                            None if prefix else tensorflow, keras,
-                            arguments.wheel, log, jax=jax if prefix else None,
+                            None if field_prefix else tensorflow, keras,
+                            arguments.wheel, log,
+                            jax=jax if field_prefix else None,
                         )
                     elif python is None:
                         try:
@@ -289,30 +306,33 @@ def main():
                             together = False
                             python = environment(
                                 arguments.venvs, name,
-                                None if prefix else tensorflow, keras,
+                                None if field_prefix else tensorflow, keras,
                                 arguments.wheel, log,
-                                jax=jax if prefix else None,
+                                jax=jax if field_prefix else None,
                             )
                     code, seconds = run_slice(python, log, arguments.workers,
-                                              jax=bool(prefix))
+                                              jax=bool(field_prefix))
                 except RuntimeError as error:
                     log.write(f"{error}\n")
                     code, seconds = 1, 0.0
             row[f"{prefix}ok"] = code == 0
-            row[f"{prefix}summary"] = summary(log_path)
-            row[f"{prefix}seconds"] = round(seconds)
-            what = f"JAX {jax}" if prefix else f"TF {tensorflow}"
+            row[f"{field_prefix}summary"] = summary(log_path)
+            row[f"{field_prefix}seconds"] = round(seconds)
+            what = f"JAX {jax}" if field_prefix else f"TF {tensorflow}"
             print(f"{name}: {what}, Keras {keras}: "
                   f"{'pass' if code == 0 else 'FAIL'} "
-                  f"({row[f'{prefix}summary']}, tests {seconds:.0f} s, "
+                  f"({row[f'{field_prefix}summary']}, tests {seconds:.0f} s, "
                   f"in all {time.monotonic() - start:.0f} s; log {log_path})",
                   flush=True)
             if code != 0:
                 lines = log_path.read_text(errors="replace").splitlines()
                 print("\n".join(lines[-60:]), flush=True)
-        if jax:
+        if jax and "jax_" in prefixes:
             row["jax_environment"] = "shared" if together else "own"
-        row["ok"] = row["ok"] and row.get("jax_ok", True)
+        # Results recorded before `tf_ok` existed kept it in `ok`.
+        row["ok"] = row.get("tf_ok", row.get("ok", False)) and (
+            row.get("jax_ok", False) if jax else True
+        )
         ok = ok and row["ok"]
         if arguments.wheel is None:
             # Results of the checkout only (a wheel run is CI's check),

@@ -6,6 +6,8 @@ the `naive` variants check that averaging per-step mean gradients misses the
 same reference by far more, so each check can fail.
 """
 
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -228,6 +230,30 @@ class TestFitIntegration:
         assert len(model.weights) == len(plain.weights)
         assert len(model.get_weights()) == len(plain.get_weights())
         assert model.non_trainable_weights == []
+
+    def test_batch_end_callbacks_stay_asynchronous(self):
+        """Catches a batch-end hook in the library's own callback: Keras
+        would then run every callback's `on_train_batch_end` synchronously,
+        converting each batch's logs to NumPy (a device wait per batch)."""
+        if keras.backend.backend() == "tensorflow":
+            pytest.skip("Keras on TensorFlow dispatches batch-end callbacks "
+                        "synchronously in any case")
+        main_thread = []
+
+        class Record(keras.callbacks.Callback):
+            async_safe = True  # Keras may run it in a worker thread.
+
+            def on_train_batch_end(self, batch, logs=None):
+                main_thread.append(
+                    threading.current_thread() is threading.main_thread()
+                )
+
+        model = AccumulatingModel(*helpers.dense_graph(), accumulate=2)
+        model.compile(optimizer=helpers.make_optimizer("sgd"), loss="mse")
+        x, y = helpers.regression_data(64)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[Record()])
+        assert main_thread == [False] * 4
 
     def test_validation_and_callbacks_see_updated_weights(self):
         x, y = helpers.regression_data(300)

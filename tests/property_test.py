@@ -21,7 +21,7 @@ from keras_accum import AccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
-MAX_EXAMPLES = 15
+MAX_EXAMPLES = 10
 
 # Configurations tried by `test_accumulation_equals_big_batch`, checked when
 # the module's tests are done (in the worker process that ran it).
