@@ -8,14 +8,18 @@ increase covers what training adds: traced graphs, optimizer slots,
 accumulators, activations and gradients of a step.
 
 On TensorFlow the input is a `tf.data` pipeline built before the baseline;
-on JAX (`jit_compile=True`) the NumPy arrays themselves, and the increase
-includes XLA's compilation of the step, which happens inside `fit`.
+on JAX (`jit_compile=True`) the NumPy arrays themselves. XLA compiles the
+step inside the first `fit`, so the JAX run first trains `warmup_epochs`
+(one) and measures the next `fit`: what training holds, not what compiling
+takes. `state_mib` is the exact size of the persistent training state (the
+model's variables and the optimizer's, accumulators included).
 """
 
 import gc
 import time
 
 import methods
+import numpy as np
 from isolation import PeakRss
 from isolation import make_rss_track_live_memory
 from models import fit_inputs
@@ -25,7 +29,7 @@ MIB = 1024 * 1024
 
 
 def measure_memory(model, optimizer, config, examples, micro_batch,
-                   learning_rate, epochs, jit_compile=False):
+                   learning_rate, epochs, jit_compile=False, warmup_epochs=0):
     allocator_tuned = make_rss_track_live_memory()
     x, y = make_data(model, examples)
     fitted, batch_size = methods.build(
@@ -33,6 +37,8 @@ def measure_memory(model, optimizer, config, examples, micro_batch,
         jit_compile=jit_compile,
     )
     inputs = fit_inputs(x, y, batch_size)
+    if warmup_epochs:
+        fitted.fit(**inputs, epochs=warmup_epochs, verbose=0, shuffle=False)
     gc.collect()
     peak = PeakRss()
     baseline = peak.start()
@@ -40,6 +46,7 @@ def measure_memory(model, optimizer, config, examples, micro_batch,
     fitted.fit(**inputs, epochs=epochs, verbose=0, shuffle=False)
     seconds = time.perf_counter() - started
     high_water = peak.stop()
+    state = {id(v): v for v in fitted.variables + fitted.optimizer.variables}
     return {
         "key": methods.config_key(config),
         "method": config["method"],
@@ -54,4 +61,9 @@ def measure_memory(model, optimizer, config, examples, micro_batch,
             if allocator_tuned else "default"
         ),
         "fit_seconds": seconds,
+        "warmup_epochs": warmup_epochs,
+        "state_mib": sum(
+            np.prod(v.shape) * np.dtype(v.dtype).itemsize
+            for v in state.values()
+        ) / MIB,
     }

@@ -524,12 +524,14 @@ def jax_section(data):
          "fresh (forked) process per configuration for optimizers "
          f"{settings.get('memory_optimizers')} and k in "
          f"{settings.get('memory_ks')}; peak RSS during one `fit` of "
-         f"{settings.get('memory_epochs')} epoch minus RSS just before it "
-         "(includes XLA's compilation of the step, which happens inside "
-         "`fit`); n/a elsewhere. No `fwd_bwd` reference and no "
+         f"{settings.get('memory_epochs')} epoch minus RSS just before it, "
+         f"after {settings.get('memory_warmup_epochs', 0)} warm-up epoch(s) "
+         "in an earlier `fit` (XLA compiles the step there, so compilation "
+         "is not counted); n/a elsewhere. No `fwd_bwd` reference and no "
          "exactness, distributed or profile phases: those use TensorFlow."),
         "",
     ]
+    lines += _state_table(data)
     for model in settings["models"]:
         lines += [f"### JAX: {DESCRIPTIONS.get(model, model)}", ""]
         _timing_table(lines, model, data)
@@ -542,6 +544,31 @@ def jax_section(data):
                      f": {_one_line(failure['error'])[:600]}")
     lines.append(JAX_END)
     return lines
+
+
+def _state_table(data):
+    """The exact size of the training state (variables of the model and the
+    optimizer) per memory configuration, where measured."""
+    rows = [
+        (model, optimizer, row)
+        for model, by_optimizer in data.get("memory", {}).items()
+        for optimizer, group in by_optimizer.items()
+        for row in group if "state_mib" in row
+    ]
+    if not rows:
+        return []
+    lines = [
+        "Training state (model and optimizer variables, accumulators "
+        "included), MiB, and the peak RSS increase of the measured `fit`:",
+        "",
+        "| model | optimizer | configuration | state MiB | peak RSS +MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for model, optimizer, row in rows:
+        lines.append(f"| {model} | {optimizer} | {row['key']} | "
+                     f"{row['state_mib']:.1f} | "
+                     f"{row['fit_increase_mib']:.1f} |")
+    return lines + [""]
 
 
 def write_jax_section(data, path):

@@ -107,6 +107,7 @@ def _settings(quick):
             # k; no k=1 or "epoch" keras_accum rows (the TF run has them).
             "timing_configs": "plain_b, plain_kb, builtin, keras_accum",
             "memory_epochs": config.JAX_MEMORY_EPOCHS,
+            "memory_warmup_epochs": config.JAX_MEMORY_WARMUP_EPOCHS,
             "memory_optimizers": list(config.JAX_MEMORY_OPTIMIZERS),
             "memory_ks": list(config.JAX_MEMORY_KS),
         }
@@ -333,6 +334,7 @@ class Runner:
                 "learning_rate": config.LEARNING_RATES[optimizer],
                 "epochs": self.settings["memory_epochs"],
                 "jit_compile": self.settings["jit_compile"],
+                "warmup_epochs": self.settings.get("memory_warmup_epochs", 0),
             } for config_ in configs]
             with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
                 rows = list(pool.map(
