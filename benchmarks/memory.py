@@ -47,6 +47,11 @@ def measure_memory(model, optimizer, config, examples, micro_batch,
     seconds = time.perf_counter() - started
     high_water = peak.stop()
     state = {id(v): v for v in fitted.variables + fitted.optimizer.variables}
+    # keras_accum's accumulators are not layer variables (a saved model
+    # holds none of them); counted from the accumulator itself.
+    accumulator = getattr(fitted, "_accumulator", None)
+    if accumulator is not None and accumulator.built:
+        state.update({id(v): v for v in accumulator.state_variables()})
     return {
         "key": methods.config_key(config),
         "method": config["method"],
