@@ -30,7 +30,7 @@ QUICK_MODELS = ("mlp",)
 # configuration, interleaved round-robin inside one process per
 # (model, optimizer); the reported time is the median over the rounds.
 FULL_TIMING_ROUNDS = 4
-QUICK_TIMING_ROUNDS = 3
+QUICK_TIMING_ROUNDS = 1
 
 # Memory: epochs of the single `fit` call made in each fresh process.
 FULL_MEMORY_EPOCHS = 1

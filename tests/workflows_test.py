@@ -16,6 +16,7 @@ that broke; `bug` says what it would catch.
 
 import functools
 import itertools
+import os
 
 import keras
 import numpy as np
@@ -786,15 +787,37 @@ KNOWN_GAPS = {
 }
 
 
+# Rows left out of CI's JAX run (`-m jax`), to keep CI within its budget:
+# their library code is backend-neutral (schedules, callbacks, fit
+# arguments, forms) or an optimizer whose window meets the same JAX step as
+# the rows kept. All 50 rows passed on JAX on 2026-12-03;
+# `KERAS_ACCUM_FULL_HARNESS=1` runs them there too.
+TENSORFLOW_RUN_ONLY = frozenset({
+    "subclass-wrapping-functional", "wrap-sequential",
+    "fine-tuning-subclass", "head-without-loss-sgd-momentum-decay",
+    "loss-weights", "initial-epoch", "class-weight",
+    "reduce-lr-on-plateau", "learning-rate-scheduler",
+    "learning-rate-schedule-object", "fit-evaluate-fit",
+    "schedule-dict-functional", "schedule-dict-subclass-initial-epoch-1",
+    "schedule-callable-subclass", "schedule-wrap",
+    "optimizer-adamw", "optimizer-nadam", "optimizer-lamb",
+    "optimizer-adafactor",
+})
+
+
+def _marks(workflow):
+    marks = []
+    if workflow.name in KNOWN_GAPS:
+        marks.append(pytest.mark.xfail(strict=True,
+                                       reason=KNOWN_GAPS[workflow.name]))
+    if (workflow.name in TENSORFLOW_RUN_ONLY
+            and not os.environ.get("KERAS_ACCUM_FULL_HARNESS")):
+        marks.append(pytest.mark.tensorflow_only)
+    return marks
+
+
 def _with_known_gaps(workflows):
-    return [
-        pytest.param(
-            w, id=w.name,
-            marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[w.name]),
-        )
-        if w.name in KNOWN_GAPS else pytest.param(w, id=w.name)
-        for w in workflows
-    ]
+    return [pytest.param(w, id=w.name, marks=_marks(w)) for w in workflows]
 
 
 @pytest.mark.usefixtures("float64")
