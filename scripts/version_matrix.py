@@ -272,25 +272,18 @@ def main():
         python = None
         together = (name not in JAX_APART
                     and "tensorflow" in arguments.backends)
-        prefixes = [prefix for prefix, backend in (("tf_", "tensorflow"),
-                                                   ("jax_", "jax"))
-                    if backend in arguments.backends
-                    and (prefix == "tf_" or jax)]
-        for prefix in prefixes:
-            field_prefix = "" if prefix == "tf_" else prefix
-            log_path = (arguments.venvs
-                        / f"{name}{'-jax' if field_prefix else ''}.log")
+        backends = [b for b in ("tensorflow", "jax")
+                    if b in arguments.backends and (b == "tensorflow" or jax)]
+        for backend in backends:
+            on_jax = backend == "jax"
+            # Result fields: `summary`/`seconds` for TensorFlow (as recorded
+            # before JAX), `jax_summary`/`jax_seconds` for JAX.
+            field = "jax_" if on_jax else ""
+            log_path = arguments.venvs / f"{name}{'-jax' if on_jax else ''}.log"
             start = time.monotonic()
             with log_path.open("w") as log:
                 try:
-                    if not together:
-                        python = environment(
-                            arguments.venvs, name,
-                            None if field_prefix else tensorflow, keras,
-                            arguments.wheel, log,
-                            jax=jax if field_prefix else None,
-                        )
-                    elif python is None:
+                    if together and python is None:
                         try:
                             # Both slices in one environment where pip can
                             # install TensorFlow, Keras and JAX together.
@@ -304,30 +297,31 @@ def main():
                             log.write(f"{error}; the JAX slice gets an "
                                       "environment of its own\n")
                             together = False
-                            python = environment(
-                                arguments.venvs, name,
-                                None if field_prefix else tensorflow, keras,
-                                arguments.wheel, log,
-                                jax=jax if field_prefix else None,
-                            )
+                    if not together:
+                        python = environment(
+                            arguments.venvs, name,
+                            None if on_jax else tensorflow, keras,
+                            arguments.wheel, log,
+                            jax=jax if on_jax else None,
+                        )
                     code, seconds = run_slice(python, log, arguments.workers,
-                                              jax=bool(field_prefix))
+                                              jax=on_jax)
                 except RuntimeError as error:
                     log.write(f"{error}\n")
                     code, seconds = 1, 0.0
-            row[f"{prefix}ok"] = code == 0
-            row[f"{field_prefix}summary"] = summary(log_path)
-            row[f"{field_prefix}seconds"] = round(seconds)
-            what = f"JAX {jax}" if field_prefix else f"TF {tensorflow}"
+            row["jax_ok" if on_jax else "tf_ok"] = code == 0
+            row[f"{field}summary"] = summary(log_path)
+            row[f"{field}seconds"] = round(seconds)
+            what = f"JAX {jax}" if on_jax else f"TF {tensorflow}"
             print(f"{name}: {what}, Keras {keras}: "
                   f"{'pass' if code == 0 else 'FAIL'} "
-                  f"({row[f'{field_prefix}summary']}, tests {seconds:.0f} s, "
+                  f"({row[f'{field}summary']}, tests {seconds:.0f} s, "
                   f"in all {time.monotonic() - start:.0f} s; log {log_path})",
                   flush=True)
             if code != 0:
                 lines = log_path.read_text(errors="replace").splitlines()
                 print("\n".join(lines[-60:]), flush=True)
-        if jax and "jax_" in prefixes:
+        if "jax" in backends:
             row["jax_environment"] = "shared" if together else "own"
         # Results recorded before `tf_ok` existed kept it in `ok`.
         row["ok"] = row.get("tf_ok", row.get("ok", False)) and (
