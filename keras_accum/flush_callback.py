@@ -95,8 +95,7 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
             self._check_finite(first, self._windows_checked * self._window)
         # The batches run once this execution ends (see `_apply_pending`).
         steps = (self.params or {}).get("steps")
-        executed = batch + (getattr(self._model, "steps_per_execution", 1)
-                            or 1)
+        executed = batch + self._model.steps_per_execution
         self._batches_seen = executed if steps is None else min(
             executed, steps
         )

@@ -816,12 +816,12 @@ def _marks(workflow):
     return marks
 
 
-def _with_known_gaps(workflows):
+def _params(workflows):
     return [pytest.param(w, id=w.name, marks=_marks(w)) for w in workflows]
 
 
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("workflow", _with_known_gaps(WORKFLOWS))
+@pytest.mark.parametrize("workflow", _params(WORKFLOWS))
 def test_workflow(workflow, record_property):
     """Each row: keras_accum equals plain Keras' big batch, or refuses."""
     if workflow.mode == "refusal":
