@@ -59,9 +59,8 @@ EXACT_EPOCHS = 3
 
 # JAX (`KERAS_BACKEND=jax python benchmarks/run.py`): timing and memory
 # (the other phases use TensorFlow's profiler, strategies and `tf.data`),
-# most of it XLA compilation (one per configuration and process). Sized for
-# about six minutes; it took 15 on two cores that other processes kept ~60%
-# busy (benchmarks/README.md). `jit_compile=True` (JAX's
+# much of it XLA compilation (one per configuration and process). Sized for
+# about ten minutes on two quiet cores. `jit_compile=True` (JAX's
 # default; `False` would run every op eagerly). The micro-batch is smaller
 # than TensorFlow's so that the convnet's epochs stay short while every k
 # still divides the epoch (examples = JAX_MICRO_BATCH * max(JAX_KS)).
@@ -72,10 +71,13 @@ JAX_MICRO_BATCH = 16
 # The transformer's micro-steps take ~3 ms on two cores: 2048 examples
 # make its epochs ~0.4 s, long against `fit`'s fixed cost per call.
 JAX_EXAMPLES = {"mlp": 512, "convnet": 512, "transformer": 2048}
-JAX_TIMING_ROUNDS = 3
+# keras_accum and the built-in differ by a few percent on the transformer,
+# under epoch-to-epoch noise of +-15% on a shared machine: 9 rounds, and
+# ratios taken per round (report.py).
+JAX_TIMING_ROUNDS = 9
 # Memory on JAX: one fresh (forked) process per configuration, each paying
-# its own compilation, so a smaller grid: Adam, k = 8, every model.
-JAX_MEMORY_OPTIMIZERS = ("adam",)
+# its own compilation, so a smaller grid: k = 8, every model.
+JAX_MEMORY_OPTIMIZERS = ("sgd", "adam")
 JAX_MEMORY_KS = (8,)
 JAX_MEMORY_EPOCHS = 1
 # Epochs trained before the measured `fit`, so that XLA's compilation (in

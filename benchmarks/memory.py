@@ -13,6 +13,13 @@ step inside the first `fit`, so the JAX run first trains `warmup_epochs`
 (one) and measures the next `fit`: what training holds, not what compiling
 takes. `state_mib` is the exact size of the persistent training state (the
 model's variables and the optimizer's, accumulators included).
+
+On JAX, `step` also gives XLA's own account of one compiled train step
+(`memory_analysis()` of the step Keras jits, state donated as Keras
+donates it): arguments, outputs, the part of the outputs that reuses
+donated arguments, and temporaries (activations, gradients). Its peak,
+arguments + outputs - aliased + temporaries, is what the device holds
+during a step, exact and free of the allocator's and the machine's noise.
 """
 
 import gc
@@ -53,6 +60,7 @@ def measure_memory(model, optimizer, config, examples, micro_batch,
     if accumulator is not None and accumulator.built:
         state.update({id(v): v for v in accumulator.state_variables()})
     return {
+        "step": _step_memory(fitted, x, y, batch_size),
         "key": methods.config_key(config),
         "method": config["method"],
         "k": config["k"],
@@ -72,3 +80,34 @@ def measure_memory(model, optimizer, config, examples, micro_batch,
             for v in state.values()
         ) / MIB,
     }
+
+
+def _step_memory(model, x, y, batch_size):
+    """XLA's memory analysis of `model`'s train step (MiB), on JAX only."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    batch = (x[:batch_size], y[:batch_size])
+    # As Keras jits it (`JAXTrainer.make_train_function`).
+    step = jax.jit(model.train_step, donate_argnums=0)
+    analysis = step.lower(state, batch).compile().memory_analysis()
+    sizes = {
+        "arguments_mib": analysis.argument_size_in_bytes / MIB,
+        "outputs_mib": analysis.output_size_in_bytes / MIB,
+        "aliased_mib": analysis.alias_size_in_bytes / MIB,
+        "temporaries_mib": analysis.temp_size_in_bytes / MIB,
+    }
+    sizes["peak_mib"] = (
+        sizes["arguments_mib"] + sizes["outputs_mib"] - sizes["aliased_mib"]
+        + sizes["temporaries_mib"]
+    )
+    return sizes

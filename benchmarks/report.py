@@ -2,6 +2,7 @@
 
 import os
 import re
+import statistics
 
 import methods
 
@@ -20,6 +21,25 @@ def _time(rows, key):
     return None if row is None else row["median_epoch_s"]
 
 
+def _speedup(rows, baseline_key, key):
+    """How many times faster `key` trains than `baseline_key`: the median
+    over rounds of the ratio of their epochs in the same round.
+
+    Both trained one epoch in each round, minutes apart at most, so a
+    round's ratio cancels the load the machine had then; the median of
+    per-round ratios is steadier than a ratio of medians taken from
+    different rounds. Falls back to that where rounds do not pair up.
+    """
+    index = _index(rows)
+    baseline, row = index.get(baseline_key), index.get(key)
+    if baseline is None or row is None:
+        return None
+    pairs = list(zip(baseline.get("epochs", []), row.get("epochs", [])))
+    if not pairs or len(baseline["epochs"]) != len(row["epochs"]):
+        return _ratio(baseline["median_epoch_s"], row["median_epoch_s"])
+    return statistics.median(a["wall_s"] / b["wall_s"] for a, b in pairs)
+
+
 def _memory(rows, key):
     row = _index(rows).get(key)
     return None if row is None else row["fit_increase_mib"]
@@ -28,6 +48,11 @@ def _memory(rows, key):
 def _peak_rss(rows, key):
     row = _index(rows).get(key)
     return None if row is None else row["peak_rss_mib"]
+
+
+def _step_peak(rows, key):
+    row = _index(rows).get(key)
+    return None if row is None else (row.get("step") or {}).get("peak_mib")
 
 
 def _ratio(numerator, denominator):
@@ -66,14 +91,12 @@ def compute_targets(data):
             for k in [k for k in ks if k >= 4]:
                 add("throughput >= 1.0x Keras built-in, k >= 4",
                     model, optimizer, k,
-                    _ratio(_time(rows, f"builtin_k{k}"),
-                           _time(rows, f"keras_accum_k{k}")),
+                    _speedup(rows, f"builtin_k{k}", f"keras_accum_k{k}"),
                     lambda r: r >= SPEED_VS_BUILTIN)
     mlp_adam = timing.get("mlp", {}).get("adam")
     if mlp_adam and 8 in ks:
         add(">= 1.3x plain fit at b (Adam, k=8, MLP)", "mlp", "adam", 8,
-            _ratio(_time(mlp_adam, "plain_b"),
-                   _time(mlp_adam, "keras_accum_k8")),
+            _speedup(mlp_adam, "plain_b", "keras_accum_k8"),
             lambda r: r >= SPEED_VS_PLAIN_ADAM_MLP_K8)
     for model, by_optimizer in memory.items():
         for optimizer, rows in by_optimizer.items():
@@ -90,6 +113,12 @@ def compute_targets(data):
                     model, optimizer, k,
                     _ratio(_peak_rss(rows, key), _peak_rss(rows, "plain_b")),
                     lambda r: r <= MEMORY_TOLERANCE)
+                step = _step_peak(rows, key)
+                if step is not None:
+                    add("XLA step peak memory at b within 10% of plain fit "
+                        "at b (JAX)", model, optimizer, k,
+                        _ratio(step, _step_peak(rows, "plain_b")),
+                        lambda r: r <= MEMORY_TOLERANCE)
                 if model in ("convnet", "transformer") and k != "epoch" \
                         and k >= 4:
                     add("peak memory clearly below plain fit at k*b "
@@ -141,13 +170,13 @@ def _timing_table(lines, model, data):
     for optimizer, rows in timing.items():
         index = _index(rows)
         memory_rows = memory.get(optimizer, [])
-        plain = _time(rows, "plain_b")
         plain_memory = _memory(memory_rows, "plain_b")
         ordered = sorted(index.values(), key=_row_order)
         for row in ordered:
             key, k = row["key"], row["k"]
-            builtin = _time(rows, f"builtin_k{k}") if row["method"] in (
-                "keras_accum", "plain_kb") and k and k >= 2 else None
+            vs_builtin = _speedup(rows, f"builtin_k{k}", key) if row[
+                "method"] in ("keras_accum", "plain_kb") and k and k >= 2 \
+                else None
             mem = _memory(memory_rows, key)
             big = (_memory(memory_rows, f"plain_kb_k{k}")
                    if k and k >= 2 and row["method"] != "plain_kb" else None)
@@ -156,8 +185,8 @@ def _timing_table(lines, model, data):
                 f"{k if k is not None else 'epoch'} | {row['batch_size']} | "
                 f"{row['median_epoch_s']:.3f} | {row['min_epoch_s']:.3f} | "
                 f"{row['examples_per_s']:.0f} | "
-                f"{_fmt(_ratio(builtin, row['median_epoch_s']), 2, 'x')} | "
-                f"{_fmt(_ratio(plain, row['median_epoch_s']), 2, 'x')} | "
+                f"{_fmt(vs_builtin, 2, 'x')} | "
+                f"{_fmt(_speedup(rows, 'plain_b', key), 2, 'x')} | "
                 f"{row['median_cpu_s']:.3f} | {_fmt(mem, 1)} | "
                 f"{_fmt(_ratio(mem, plain_memory), 2, 'x')} | "
                 f"{_fmt(_ratio(mem, big), 2, 'x')} | "
@@ -393,6 +422,8 @@ def _header(data):
         (f"- Time: 1 warm-up epoch per configuration, then "
          f"{settings['timing_rounds']} rounds in which every configuration "
          "trains one epoch (order rotated each round); median epoch. "
+         "Speed ratios are the median over rounds of the ratio of two "
+         "configurations' epochs in the same round. "
          "Epochs are timed from `on_epoch_begin` to `on_epoch_end`, which "
          "includes keras_accum's epoch-end update."),
         (f"- Memory: one fresh process per configuration "
@@ -517,7 +548,8 @@ def jax_section(data):
          f"measured: {_library_line(data.get('library'))}."),
         "",
         (f"Same method as above (one process per group, 1 warm-up epoch, "
-         f"then {settings['timing_rounds']} interleaved rounds, median), "
+         f"then {settings['timing_rounds']} interleaved rounds, median; "
+         "speed ratios per round, median), "
          f"micro-batch b = {settings['micro_batch']}, examples per epoch "
          f"{settings['examples']}, NumPy arrays given to `fit` (no "
          "`tf.data`), `jit_compile=True` (JAX's default). Memory: one "
@@ -547,10 +579,10 @@ def jax_section(data):
 
 
 def _state_table(data):
-    """The exact size of the training state (variables of the model and the
-    optimizer) per memory configuration, where measured."""
+    """The training state and XLA's memory analysis of one train step per
+    memory configuration, where measured (JAX)."""
     rows = [
-        (model, optimizer, row)
+        (model, optimizer, row, _index(group).get("plain_b"))
         for model, by_optimizer in data.get("memory", {}).items()
         for optimizer, group in by_optimizer.items()
         for row in group if "state_mib" in row
@@ -558,16 +590,28 @@ def _state_table(data):
     if not rows:
         return []
     lines = [
-        "Training state (model and optimizer variables, accumulators "
-        "included), MiB, and the peak RSS increase of the measured `fit`:",
+        "Memory per configuration: the training state (model and optimizer "
+        "variables, accumulators included); XLA's analysis of the compiled "
+        "train step (`memory_analysis()`: temporaries are activations and "
+        "gradients; peak = arguments + outputs - donated-and-reused + "
+        "temporaries, exact and noise-free); and the process's peak RSS "
+        "increase during the measured `fit`. All MiB.",
         "",
-        "| model | optimizer | configuration | state MiB | peak RSS +MiB |",
-        "|---|---|---|---|---|",
+        "| model | optimizer | configuration | state | step temporaries | "
+        "step peak | step peak vs plain @ b | peak RSS + |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for model, optimizer, row in rows:
-        lines.append(f"| {model} | {optimizer} | {row['key']} | "
-                     f"{row['state_mib']:.1f} | "
-                     f"{row['fit_increase_mib']:.1f} |")
+    for model, optimizer, row, plain in rows:
+        step = row.get("step") or {}
+        plain_step = (plain or {}).get("step") or {}
+        lines.append(
+            f"| {model} | {optimizer} | {row['key']} | "
+            f"{row['state_mib']:.2f} | "
+            f"{_fmt(step.get('temporaries_mib'))} | "
+            f"{_fmt(step.get('peak_mib'))} | "
+            f"{_fmt(_ratio(step.get('peak_mib'), plain_step.get('peak_mib')), 2, 'x')} | "
+            f"{row['fit_increase_mib']:.1f} |"
+        )
     return lines + [""]
 
 
@@ -692,9 +736,10 @@ def readme_table(data):
          f"{machine['tensorflow']}, Keras {machine['keras']}; keras_accum "
          f"commit `{(data.get('library') or {}).get('git_commit', '?')}`. "
          f"Micro-batch b = {settings['micro_batch']}, `jit_compile=False` "
-         "(Keras' default on CPU), median of "
-         f"{settings['timing_rounds']} interleaved epochs. Speed ratios are "
-         "throughput (higher is better); memory ratios compare the peak "
+         "(Keras' default on CPU), "
+         f"{settings['timing_rounds']} interleaved rounds. Speed ratios are "
+         "throughput (higher is better), the median over rounds of the "
+         "ratio in each round; memory ratios compare the peak "
          "RSS increase during `fit` (lower is better). All in one run."),
         "",
         "| model | optimizer | k | vs built-in | vs plain fit @ b | "
@@ -706,11 +751,11 @@ def readme_table(data):
         for optimizer, rows in by_optimizer.items():
             memory_rows = memory.get(model, {}).get(optimizer, [])
             for k in [k for k in settings["ks"] if k >= 4]:
-                ours = _time(rows, f"keras_accum_k{k}")
-                mem = _memory(memory_rows, f"keras_accum_k{k}")
+                ours = f"keras_accum_k{k}"
+                mem = _memory(memory_rows, ours)
                 ratios = [
-                    _ratio(_time(rows, f"builtin_k{k}"), ours),
-                    _ratio(_time(rows, "plain_b"), ours),
+                    _speedup(rows, f"builtin_k{k}", ours),
+                    _speedup(rows, "plain_b", ours),
                     _ratio(mem, _memory(memory_rows, "plain_b")),
                     _ratio(mem, _memory(memory_rows, f"plain_kb_k{k}")),
                 ]

@@ -207,6 +207,17 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             return 0
         return self._read_counter(self._accumulator.discarded)
 
+    def _discarded_windows_later(self):
+        """`discarded_windows` as a value that `int()` reads later.
+
+        Taking it does not wait for the device (on JAX, a copy of the count
+        in the running state, which the next step consumes); reading it
+        waits only for the steps run so far.
+        """
+        if not self._accumulator.built:
+            return 0
+        return self._counter_value(self._accumulator.discarded)
+
     def get_config(self):
         config = super().get_config()
         config.update(

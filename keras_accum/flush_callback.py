@@ -1,8 +1,15 @@
 """The callback that applies the accumulated gradient at epoch end."""
 
+import collections
 import warnings
 
 import keras
+
+# A window check read from `on_train_batch_begin(due)` on (or at epoch end):
+# `discarded` is `int()`-able, the windows are batches `[first, end)`.
+_DeferredCheck = collections.namedtuple(
+    "_DeferredCheck", ["due", "discarded", "first", "end"]
+)
 
 
 class ApplyAccumulatedGradients(keras.callbacks.Callback):
@@ -28,10 +35,12 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
       schedules.
     - With `on_nonfinite="raise"`, a window whose accumulated gradient is
       not finite is not applied (on any replica), and `FloatingPointError`
-      is raised before the next batch trains (at epoch end for the epoch's
-      last window), naming the window's batches. Windows are checked, not
-      micro-batches: one read per window, and no batch-end hook, so Keras
-      keeps dispatching batch-end callbacks asynchronously.
+      is raised before any later window is applied (at epoch end for the
+      epoch's last window), naming the window's batches. Windows are
+      checked, not micro-batches: one read per window, one execution late
+      where that is still before the next window ends, so the read never
+      waits for the device; and no batch-end hook, so Keras keeps
+      dispatching batch-end callbacks asynchronously.
 
     Example:
 
@@ -48,6 +57,7 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._window = 0
         self._windows_checked = 0
         self._discarded_reported = 0
+        self._deferred_check = None
 
     def set_model(self, model):
         from keras_accum.accumulating_model import AccumulatingModel
@@ -79,26 +89,61 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._batches_seen = 0
         self._window = self.model._schedule.window_size(epoch)
         self._windows_checked = 0
+        self._deferred_check = None
         self.model._begin_epoch(epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
-        # The windows completed by the batches before `batch` are checked
-        # here, before the next batch trains, and not in
-        # `on_train_batch_end`: one batch-end hook makes Keras dispatch every
-        # callback synchronously, converting each batch's logs to NumPy (a
-        # device-to-host wait per batch).
-        if self._window and batch // self._window > self._windows_checked:
-            # Only when a window was completed (with `steps_per_execution`,
-            # possibly several): no read on other batches.
-            first = self._windows_checked * self._window
-            self._windows_checked = batch // self._window
-            self._check_finite(first, self._windows_checked * self._window)
+        # Windows are checked from here, not from `on_train_batch_end`: one
+        # batch-end hook makes Keras dispatch every callback synchronously,
+        # converting each batch's logs to NumPy (a device-to-host wait per
+        # batch).
+        if self._checks_windows:
+            self._check_windows_before(batch)
         # The batches run once this execution ends (see `_apply_pending`).
         steps = (self.params or {}).get("steps")
         executed = batch + self._model.steps_per_execution
         self._batches_seen = executed if steps is None else min(
             executed, steps
         )
+
+    @property
+    def _checks_windows(self):
+        return (
+            self._model.on_nonfinite == "raise"
+            and self._accumulator is not None
+        )
+
+    def _check_windows_before(self, batch):
+        """Checks the windows completed by the batches before `batch`.
+
+        Reads the count once per completed window, and where the window
+        spans at least two executions, one execution late: by then the
+        device has run the window's steps while the next execution was
+        queued, so the read does not stall it. No later window can end (and
+        be applied) in the execution between, and a discarded window was
+        never applied, so the error still comes before any further update.
+        """
+        # `self._model` throughout: on JAX, `self.model` syncs the whole
+        # training state into the variables.
+        deferred = self._deferred_check
+        if deferred is not None and batch >= deferred.due:
+            self._deferred_check = None
+            self._check_finite(deferred.discarded, deferred.first,
+                               deferred.end)
+        if not self._window or batch // self._window <= self._windows_checked:
+            return  # No window completed since the last check.
+        first = self._windows_checked * self._window
+        # With `steps_per_execution`, possibly several windows.
+        self._windows_checked = batch // self._window
+        end = self._windows_checked * self._window
+        steps_per_execution = self._model.steps_per_execution
+        if self._window >= 2 * steps_per_execution:
+            self._deferred_check = _DeferredCheck(
+                batch + steps_per_execution,
+                self._model._discarded_windows_later(), first, end,
+            )
+        else:
+            self._check_finite(self._model.discarded_windows, first, end)
 
     def on_test_begin(self, logs=None):
         # Validation inside `fit` runs before `on_epoch_end`.
@@ -110,6 +155,11 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
     def _apply_pending(self):
         if not self._epoch_pending:
             return
+        deferred, self._deferred_check = self._deferred_check, None
+        if deferred is not None:
+            # Before the epoch's last window is applied or discarded.
+            self._check_finite(deferred.discarded, deferred.first,
+                               deferred.end)
         self._epoch_pending = False
         if self._accumulator is None:
             return
@@ -128,18 +178,22 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
             self.model.reset_accumulated_gradients()
             return
         self.model.apply_accumulated_gradients()
-        self._check_finite(
-            self._windows_checked * self._window, self._batches_seen
-        )
+        if self._checks_windows:
+            self._check_finite(
+                self._model.discarded_windows,
+                self._windows_checked * self._window,
+                self._batches_seen,
+            )
 
-    def _check_finite(self, first_batch, end_batch):
+    def _check_finite(self, discarded, first_batch, end_batch):
         """Raises if a window of batches `[first_batch, end_batch)` was
-        discarded for a non-finite gradient (`on_nonfinite="raise"`)."""
-        # `_model`, not `model`: on JAX, `model` syncs the whole training
-        # state into the variables; the counter is read from it directly.
-        if self._model.on_nonfinite != "raise" or self._accumulator is None:
-            return
-        discarded = self._model.discarded_windows
+        discarded for a non-finite gradient (`on_nonfinite="raise"`).
+
+        Args:
+            discarded: The model's `discarded_windows` once those batches
+                ran, or a value `int()` reads it from.
+        """
+        discarded = int(discarded)
         if discarded > self._discarded_reported:
             self._discarded_reported = discarded
             self._epoch_pending = False

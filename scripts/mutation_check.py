@@ -184,9 +184,9 @@ MUTANTS = (
         "dropped-leftover-window",
         "keras_accum/flush_callback.py",
         "        self.model.apply_accumulated_gradients()\n"
-        "        self._check_finite(",
+        "        if self._checks_windows:",
         "        self.model.reset_accumulated_gradients()\n"
-        "        self._check_finite(",
+        "        if self._checks_windows:",
         (f"{T_EXACT}::test_every_n_with_leftover_flush[6-sgd]",),
     ),
     Mutant(
@@ -251,6 +251,36 @@ MUTANTS = (
         (
             f"{T_NONFINITE}::"
             "test_raise_names_epoch_and_window_and_keeps_weights",
+        ),
+    ),
+    Mutant(
+        "window-check-read-too-late",
+        "keras_accum/flush_callback.py",
+        "                batch + steps_per_execution,",
+        "                batch + 2 * steps_per_execution,",
+        (
+            "tests/interruption_test.py::TestNonFiniteGradients::"
+            "test_raise_comes_before_the_next_window_is_applied",
+        ),
+    ),
+    Mutant(
+        "window-check-deferred-past-the-next-window",
+        "keras_accum/flush_callback.py",
+        "        if self._window >= 2 * steps_per_execution:",
+        "        if self._window >= steps_per_execution + 1:",
+        (
+            "tests/interruption_test.py::TestNonFiniteGradients::"
+            "test_raise_comes_before_the_next_window_is_applied",
+        ),
+    ),
+    Mutant(
+        "window-check-waits-for-the-device",
+        "keras_accum/flush_callback.py",
+        "        if self._window >= 2 * steps_per_execution:",
+        "        if False:",
+        (
+            "tests/interruption_test.py::TestNonFiniteGradients::"
+            "test_window_checks_do_not_wait_for_the_step_just_run",
         ),
     ),
     Mutant(

@@ -338,6 +338,59 @@ class TestNonFiniteGradients:
             assert np.all(np.isfinite(now))
             np.testing.assert_array_equal(now, recorded)
 
+    @pytest.mark.parametrize(
+        "accumulate, steps_per_execution",
+        # Read one execution late (the window spans >= 2 executions), and
+        # at once (window 3 under executions of 2, which can end the next
+        # window in the very next execution).
+        [(2, 1), (4, 2), (3, 2)],
+    )
+    def test_raise_comes_before_the_next_window_is_applied(
+        self, accumulate, steps_per_execution
+    ):
+        """Catches the window check read too late: the first window (with
+        batch 1 poisoned) is discarded, and the error must come before the
+        second window, which is finite, is applied."""
+        x, y = _data()
+        x = x.copy()
+        x[BATCH + 3, 0] = np.nan
+        model = AccumulatingModel(*helpers.dense_graph(),
+                                  accumulate=accumulate)
+        model.compile(optimizer=helpers.make_optimizer("adam"), loss="mse",
+                      steps_per_execution=steps_per_execution)
+        start = model.get_weights()
+        with pytest.raises(
+            FloatingPointError,
+            match=f"window of batches 0-{accumulate - 1}:",
+        ):
+            model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False,
+                      verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == 0
+        assert model.discarded_windows == 1
+        for now, before in zip(model.get_weights(), start):
+            np.testing.assert_array_equal(now, before)
+
+    def test_window_checks_do_not_wait_for_the_step_just_run(
+        self, monkeypatch
+    ):
+        """Catches a window check that reads the count right after the
+        window's last step: on JAX that waits for the device once per
+        window. Mid-epoch the count is taken without a read and read one
+        batch later; only the epoch end reads it at once."""
+        x, y = _data()
+        model = self._model(2, "raise")
+        reads = []
+        read_counter = type(model)._read_counter
+
+        def counting(self, variable):
+            if variable is self._accumulator.discarded:
+                reads.append(variable)
+            return read_counter(self, variable)
+
+        monkeypatch.setattr(type(model), "_read_counter", counting)
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+        assert len(reads) == 2  # Once per epoch.
+
     @pytest.mark.parametrize("accumulate", ["epoch", 4])
     def test_skip_equals_big_batch_without_the_bad_batch(self, accumulate):
         x, y = self._poisoned_data()

@@ -44,6 +44,10 @@ class TensorFlowAccumulationTrainer:
     def _read_counter(self, variable):
         return int(variable.numpy())
 
+    def _counter_value(self, variable):
+        # Keras on TensorFlow runs each step to completion: nothing to defer.
+        return variable.numpy()
+
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
