@@ -603,14 +603,14 @@ def _state_table(data):
     ]
     for model, optimizer, row, plain in rows:
         step = row.get("step") or {}
-        plain_step = (plain or {}).get("step") or {}
+        peak = step.get("peak_mib")
+        vs_plain = _ratio(peak, ((plain or {}).get("step") or {}).get(
+            "peak_mib"))
         lines.append(
             f"| {model} | {optimizer} | {row['key']} | "
             f"{row['state_mib']:.2f} | "
-            f"{_fmt(step.get('temporaries_mib'))} | "
-            f"{_fmt(step.get('peak_mib'))} | "
-            f"{_fmt(_ratio(step.get('peak_mib'), plain_step.get('peak_mib')), 2, 'x')} | "
-            f"{row['fit_increase_mib']:.1f} |"
+            f"{_fmt(step.get('temporaries_mib'))} | {_fmt(peak)} | "
+            f"{_fmt(vs_plain, 2, 'x')} | {row['fit_increase_mib']:.1f} |"
         )
     return lines + [""]
 
