@@ -21,6 +21,8 @@ too, so the rest of the library reads one answer.
 
 import contextlib
 import inspect
+import threading
+import weakref
 
 import keras
 
@@ -201,60 +203,44 @@ def activity_regularised_layers(model):
     ]
 
 
-def sums_activity_regularisation(model):
-    """Whether `model`'s loss holds an activity penalty summed over the batch.
-
-    True on Keras < 3.14 for a model with an activity regulariser. One big
-    batch of a window then carries the *sum* of its micro-batches'
-    penalties, while keras_accum divides a micro-batch's averaged loss by
-    the window's normaliser: the penalty needs a term of its own that is
-    summed over the window (see `objectives.with_summed_activity`).
-    """
-    if ACTIVITY_REGULARISATION_IS_BATCH_MEAN:
-        return False
-    return bool(activity_regularised_layers(model))
-
-
 class _RecordingRegulariser:
-    """Calls an activity regulariser and keeps each penalty it returns."""
+    """Calls an activity regulariser, telling `on_penalty` of each output
+    it regularises first."""
 
-    def __init__(self, regulariser, penalties):
+    def __init__(self, layer, regulariser, on_penalty):
+        self.layer = layer
         self.regulariser = regulariser
-        self.penalties = penalties
+        self.on_penalty = on_penalty
 
     def __call__(self, output):
-        penalty = self.regulariser(output)
-        self.penalties.append(penalty)
-        return penalty
+        self.on_penalty(self.layer, output)
+        return self.regulariser(output)
 
 
 @contextlib.contextmanager
-def record_activity_regularisation(model):
-    """Records the activity penalties of the forward passes in the block.
+def record_activity_regularisation(model, on_penalty):
+    """Calls `on_penalty(layer, output)` before each activity penalty of
+    the forward passes in the block.
 
-    `Layer.__call__` looks up `self.activity_regularizer` after `call` and
-    passes what it returns to `add_loss` unchanged (Keras 3.10.0 to 3.13.2;
-    from 3.14 it divides it by the batch size first). Each regularised
-    layer's attribute is replaced by a recording wrapper for the block and
-    restored after it, so the penalties are known exactly, without any
-    other `add_loss` term of the same layers.
+    `Layer.__call__` looks up `self.activity_regularizer` after `call`,
+    calls it on each output and passes the result to `add_loss` at once
+    (Keras 3.10.0 to 3.13.2; from 3.14 divided by the batch size first).
+    Each regularised layer's attribute is replaced by a wrapper for the
+    block and restored after it, so that the `add_loss` call that follows
+    is known to be the penalty.
 
     Args:
-        model: The model whose layers to record, or `None` to record
-            nothing.
-
-    Yields:
-        A list that receives each penalty tensor, as `add_loss` gets it.
+        model: The model whose layers to record, or `None` for none.
+        on_penalty: Called with the layer and the regularised output.
     """
-    penalties = []
     layers = [] if model is None else activity_regularised_layers(model)
     originals = [layer.activity_regularizer for layer in layers]
     try:
         for layer, regulariser in zip(layers, originals):
             layer.activity_regularizer = _RecordingRegulariser(
-                regulariser, penalties
+                layer, regulariser, on_penalty
             )
-        yield penalties
+        yield
     finally:
         for layer, regulariser in zip(layers, originals):
             layer.activity_regularizer = regulariser
@@ -318,6 +304,72 @@ def sequential_graph(model):
     if not hasattr(model, "_functional"):
         raise _missing("keras.Sequential._functional")
     return model._functional
+
+
+#: The keyword arguments `Functional.__init__(inputs, outputs, name=None,
+#: **kwargs)` uses: it pops `trainable` and silently drops every other
+#: keyword. Checked on Keras 3.10.0 to 3.15.1.
+FUNCTIONAL_KEYWORDS = ("inputs", "outputs", "name", "trainable")
+
+#: Keywords `Layer.__init__` pops from its `**kwargs` (with a deprecation
+#: warning) before it rejects the rest; checked on Keras 3.10.0 to 3.15.1.
+_LAYER_POPPED_KEYWORDS = ("input_dim", "input_shape")
+
+
+def layer_keywords():
+    """The keyword arguments `keras.Model.__init__` accepts for a
+    subclassed model: those of `Layer.__init__` (it raises `ValueError`
+    for any other). Read from the installed Keras."""
+    parameters = inspect.signature(keras.layers.Layer.__init__).parameters
+    return tuple(
+        name for name, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ) + _LAYER_POPPED_KEYWORDS
+
+
+# `keras.models.clone_model` rebuilds a functional model as
+# `model.__class__(input_tensors, output_tensors, name=model.name)`, where
+# `output_tensors` is what `model._run_through_graph(input_tensors, ...)`
+# (over cloned layers) has just returned: `_clone_functional_model` in
+# `keras/src/models/cloning.py`, checked on Keras 3.10.0 to 3.15.1. The
+# arguments a subclass adds to the constructor are lost on the way; the
+# subclass hands them over from the graph run to the constructor.
+_graph_runs = threading.local()
+
+
+def record_graph_run(model, outputs):
+    """Remembers that `model._run_through_graph` returned symbolic
+    `outputs` (as it does for `clone_model`); see `cloned_model`. Keeps
+    weak references only."""
+    flat = keras.tree.flatten(outputs)
+    if flat and all(isinstance(x, keras.KerasTensor) for x in flat):
+        _graph_runs.last = [weakref.ref(model)] + [weakref.ref(x) for x in flat]
+
+
+def cloned_model(args, kwargs):
+    """The model `clone_model` is cloning with the constructor call
+    `cls(*args, **kwargs)`, or `None`.
+
+    It is the model whose last symbolic graph run (`record_graph_run`)
+    returned the very output tensors passed here, under its own `name`:
+    what `_clone_functional_model` passes.
+    """
+    last = getattr(_graph_runs, "last", None)
+    if last is None:
+        return None
+    model, *recorded = (ref() for ref in last)
+    outputs = args[1] if len(args) > 1 else kwargs.get("outputs")
+    name = args[2] if len(args) > 2 else kwargs.get("name")
+    flat = keras.tree.flatten(outputs)
+    if (
+        model is None
+        or name != model.name
+        or len(flat) != len(recorded)
+        or any(x is not r for x, r in zip(flat, recorded))
+    ):
+        return None
+    del _graph_runs.last
+    return model
 
 
 # --- keras.Model / Trainer --------------------------------------------------
@@ -485,3 +537,48 @@ MODEL_ATTRIBUTES = (
     "_call_has_training_arg",
     "_jit_compile",
 ) + (("_distribute_strategy",) if BACKEND == "tensorflow" else ())
+
+
+@contextlib.contextmanager
+def losses_override(model, losses):
+    """`model.losses` returns `losses` inside the block.
+
+    `Layer._losses_override`, which `Layer.losses` returns when it is not
+    empty (Keras' JAX trainer sets it for `compute_loss`); checked on Keras
+    3.10.0 to 3.15.1. With no `losses`, `model.losses` is unchanged.
+    """
+    if not losses:
+        yield
+        return
+    if not hasattr(model, "_losses_override"):
+        raise _missing("keras.Layer._losses_override")
+    previous = list(model._losses_override)
+    model._losses_override = list(losses)
+    try:
+        yield
+    finally:
+        model._losses_override = previous
+
+
+def compute_output_spec(function, *args):
+    """`keras.src.backend.compute_output_spec`: runs `function` on
+    `keras.KerasTensor`s symbolically; checked on Keras 3.10.0 to 3.15.1."""
+    from keras.src import backend
+
+    return backend.compute_output_spec(function, *args)
+
+
+def first_batch(iterator):
+    """The first data batch of a `fit` epoch iterator, as
+    `Trainer._symbolic_build` takes it (the caller resets the iterator).
+
+    The iterator yields `(step, data_or_iterator)` up to Keras 3.10 and
+    `(step, index, data_or_iterator)` from 3.11 (checked on 3.10.0 and
+    3.15.1); `data_or_iterator` is a list of batches or an iterator of them.
+    """
+    for item in iterator:
+        batches = item[-1]
+        if isinstance(batches, (list, tuple)):
+            return batches[0]
+        return next(batches)
+    return None

@@ -7,6 +7,7 @@ import keras
 
 from keras_accum import _keras_internals
 from keras_accum import custom_steps
+from keras_accum import loss_attribution
 from keras_accum import objectives
 from keras_accum import validation
 from keras_accum import window_loss
@@ -14,6 +15,7 @@ from keras_accum._keras_internals import Functional
 from keras_accum._keras_internals import functional_init_arguments
 from keras_accum.backend import AccumulationTrainer
 from keras_accum.flush_callback import ApplyAccumulatedGradients
+from keras_accum.loss_normalisers import record_loss_normalisers
 from keras_accum.window_plan import WindowPlan
 from keras_accum.window_schedule import WindowSchedule
 from keras_accum.window_schedule import accumulate_from_config
@@ -79,7 +81,9 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         **kwargs: Passed to `keras.Model`.
 
     Raises:
-        TypeError: if `accumulate` is neither `"epoch"` nor an int.
+        TypeError: if `accumulate` is neither `"epoch"` nor an int, or for
+            a keyword argument that neither `AccumulatingModel` nor
+            `keras.Model` takes (functional Keras models ignore those).
         ValueError: if `accumulate` is an int < 1 or another string, if
             `reduction` is not `"mean"` or `"sum"`, or if Keras runs on a
             backend other than TensorFlow or JAX.
@@ -143,6 +147,15 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
                 "must derive from "
                 "`keras_accum.accumulating_model.FunctionalAccumulatingModel`."
             )
+        keras_keywords = self._keras_keywords(args, kwargs)
+        if keras_keywords is not None:
+            # Keras' `Functional` drops unknown keywords silently.
+            validation.reject_unknown_arguments(
+                kwargs,
+                ACCUMULATION_ARGUMENTS + keras_keywords,
+                "AccumulatingModel" if isinstance(self, Functional)
+                else type(self).__name__,
+            )
         super().__init__(*args, **kwargs)
         self._schedule = schedule
         self._reduction = reduction
@@ -157,6 +170,19 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         # decided when the step is traced.
         self._window_plan = WindowPlan()
         self._functions = _StepFunctions()
+
+    def _keras_keywords(self, args, kwargs):
+        """The keyword arguments `keras.Model.__init__` takes here.
+
+        `None` where they cannot be known: a base class between
+        `AccumulatingModel` and `keras.Model` has its own `__init__`.
+        """
+        if functional_init_arguments(args, kwargs):
+            return _keras_internals.FUNCTIONAL_KEYWORDS
+        following = super(AccumulatingModel, self).__init__
+        if getattr(following, "__func__", None) is not keras.Model.__init__:
+            return None
+        return _keras_internals.layer_keywords()
 
     @property
     def accumulate(self):
@@ -218,16 +244,23 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             return 0
         return self._counter_value(self._accumulator.discarded)
 
+    def _accumulation_arguments(self):
+        """The arguments `AccumulatingModel` adds to `keras.Model`'s (one
+        per `ACCUMULATION_ARGUMENTS`), as the constructor received them.
+
+        `get_config` saves them and `clone_model` passes them on.
+        """
+        return {
+            "accumulate": self._schedule.value,
+            "reduction": self._reduction,
+            "loss_normalisation": self._loss_normalisation,
+            "on_nonfinite": self._on_nonfinite,
+        }
+
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "accumulate": self._schedule.get_config(),
-                "reduction": self._reduction,
-                "loss_normalisation": self._loss_normalisation,
-                "on_nonfinite": self._on_nonfinite,
-            }
-        )
+        config.update(self._accumulation_arguments())
+        config["accumulate"] = self._schedule.get_config()
         return config
 
     @classmethod
@@ -292,38 +325,109 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
 
     def _accumulates_in_step(self):
         """Whether the train step accumulates (not plain Keras training)."""
-        return self._schedule.value != 1 or custom_steps.overrides_train_step(
-            self
+        return (
+            not self._trains_as_keras()
+            or custom_steps.overrides_train_step(self)
         )
+
+    def _trains_as_keras(self):
+        """Whether the step is plain `keras.Model`'s: `accumulate=1` on one
+        replica. Under a strategy with several replicas plain Keras
+        normalises each replica's loss by its own shard (masks, sample
+        weights), clips each replica's gradient and keeps float32(1 /
+        replicas); a window of one batch is the single-device update."""
+        return self._schedule.value == 1 and self._replicas() == 1
 
     def _loss_terms(self):
-        """Number of accumulator sets, `None` until the compiled loss is
-        built: the separately normalised loss terms (see
-        `objectives.loss_terms`), and one for a summed activity penalty
-        (see `_sums_activity_penalty`)."""
-        if getattr(self, "_compile_loss", None) is None:
-            terms = 1
-        else:
-            terms = objectives.loss_terms(
-                self._loss_normalisation,
-                _keras_internals.compiled_losses(self),
-            )
-        if terms is None:
-            return None
-        return terms + int(self._sums_activity_penalty())
+        """Number of accumulator sets, `None` while unknown: the Keras loss
+        terms' sets (see `objectives.term_sets`), and one for the activity
+        penalties (see `_activity_set`).
 
-    def _sums_activity_penalty(self):
-        """Whether the step keeps an activity penalty summed over the batch
-        (Keras < 3.14) in a term of its own, summed over the window.
+        The Keras loss terms of a step are those the traced step records
+        (`_StepFunctions.terms`), or, before, the compiled ones when the
+        model keeps Keras' `compute_loss`; a custom `compute_loss` is known
+        once traced (on JAX, symbolically before the step is compiled, see
+        `_discover_loss_terms`).
+        """
+        terms = self._functions.terms
+        if terms is None and not loss_attribution.overrides_compute_loss(
+            self
+        ):
+            if getattr(self, "_compile_loss", None) is None:
+                terms = 0
+            else:
+                compiled = _keras_internals.compiled_losses(self)
+                terms = None if compiled is None else len(compiled)
+        sets = objectives.term_sets(
+            self._loss_normalisation, self._reduction, terms
+        )
+        if sets is None:
+            return None
+        return sets + int(self._activity_set())
+
+    def _activity_set(self):
+        """Whether the activity penalties have an accumulator set of their
+        own, normalised as the installed Keras normalises them.
 
         With `reduction="sum"` the whole loss is summed over the window
-        already, and a custom `train_step` weights its own gradients.
+        already. (A custom TensorFlow step that calls
+        `accumulate_gradients` weights its own gradients and leaves the
+        set empty.)
         """
-        return (
-            self._reduction == "mean"
-            and not custom_steps.overrides_train_step(self)
-            and _keras_internals.sums_activity_regularisation(self)
+        return self._reduction == "mean" and bool(
+            _keras_internals.activity_regularised_layers(self)
         )
+
+    def _note_loss_terms(self, recorded):
+        """Keeps the number of Keras loss terms a traced step computes."""
+        self._functions.terms = len(recorded.known_terms)
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds the model on a symbolic batch before the step is
+        # compiled; the Keras loss terms are counted on it too, so that a
+        # step compiled whole (JAX) finds its accumulators built.
+        if (
+            data_batch is None
+            and iterator is not None
+            and self._reduction == "mean"
+            and self._functions.terms is None
+        ):
+            # As Keras takes its batch; `fit` resets the iterator after.
+            data_batch = _keras_internals.first_batch(iterator)
+            iterator = None
+        super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+        if data_batch is not None:
+            self._discover_loss_terms(data_batch)
+
+    def _discover_loss_terms(self, data_batch):
+        """Counts the Keras loss terms of a step symbolically, on a batch
+        like `data_batch`, before any step is traced (see `_loss_terms`)."""
+        if self._reduction != "mean" or self._functions.terms is not None:
+            return
+        if getattr(self, "optimizer", None) is None:
+            return
+
+        def loss_terms(x, y, sample_weight):
+            with record_loss_normalisers(self) as recorded:
+                y_pred = self(x, training=True)
+                loss = _keras_internals.compute_loss(
+                    self, x=x, y=y, y_pred=y_pred,
+                    sample_weight=sample_weight, training=True,
+                )
+            self._note_loss_terms(recorded)
+            return loss
+
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+            keras.tree.map_structure(_symbolic, data_batch)
+        )
+        try:
+            _keras_internals.compute_output_spec(
+                loss_terms, x, y, sample_weight
+            )
+        except Exception:  # noqa: BLE001
+            # A model that cannot run symbolically: its traced step counts
+            # the terms instead (and refuses what it must).
+            self._functions.terms = None
 
     def _sync_accumulation_state(self):
         """Makes the accumulators match the current trainable variables.
@@ -402,14 +506,40 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         if not self._schedule.is_static and self._accumulator.built:
             self._accumulator.window.assign(self._epoch_window)
 
-    def _micro_batch_contribution(self, terms, loss, batch_size, first_in_window):
-        """What this micro-batch adds to the window (see `objectives`)."""
-        sets = len(self._accumulator.gradients)
-        if sets - int(self._sums_activity_penalty()) > 1:
-            contribute = objectives.per_loss_contribution
-        else:
-            contribute = objectives.shared_contribution
-        return contribute(self, terms, loss, batch_size, first_in_window)
+    def _micro_batch_contribution(self, recorded, loss, batch_size,
+                                  first_in_window, probe):
+        """What this micro-batch adds to the window, by the rule of
+        `objectives` (refusing a loss it cannot normalise).
+
+        Args:
+            recorded: The step's `loss_normalisers.StepLosses`.
+            loss: The step's loss.
+            batch_size: The micro-batch's examples.
+            first_in_window: Scalar bool, whether it starts a window.
+            probe: The backend's analysis of the loss, for
+                `loss_attribution.attribute`.
+        """
+        objectives.check_step_losses(self, recorded, loss)
+        activity_set = self._activity_set()
+        sets = len(self._accumulator.gradients) - int(activity_set)
+        coefficients = None
+        if self._reduction == "mean":
+            coefficients = loss_attribution.attribute(self, recorded, probe)
+            terms = len(recorded.known_terms)
+            if objectives.term_sets(
+                self._loss_normalisation, self._reduction, terms
+            ) != sets:
+                raise ValueError(
+                    "The step computes another number of Keras loss terms "
+                    f"({terms}) than the accumulators were built for "
+                    f"({sets}); call `compile()` again after changing the "
+                    "loss. Received: a step with "
+                    f"{terms} Keras loss term(s)"
+                )
+        return objectives.micro_batch_contribution(
+            self, recorded, loss, batch_size, first_in_window, coefficients,
+            sets, activity_set,
+        )
 
     def accumulate_gradients(self, gradients, normaliser):
         """Adds one mini-batch's gradients to the window, from a custom step.
@@ -495,6 +625,17 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
                 )
 
 
+#: The keyword arguments `AccumulatingModel` adds to `keras.Model`'s, read
+#: from its `__init__`; `get_config` saves each (`_accumulation_arguments`).
+ACCUMULATION_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(
+        AccumulatingModel.__init__
+    ).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
 class _StepFunctions:
     """The model's own compiled functions, kept off the model so that
     neither Keras nor SavedModel export tracks them.
@@ -506,6 +647,8 @@ class _StepFunctions:
         xla_window_update: Likewise, the XLA-compiled window update.
         accumulations: Mini-batches accumulated by traced steps (a Python
             count, incremented at trace time; see `custom_steps`).
+        terms: The number of Keras loss terms a step computes, once a
+            step was traced or counted (`None` before).
         tracing: Whether a JAX step is being traced (accumulators may not
             be created then).
         purged: On JAX, `(variable, value)` pairs `fit` purged, kept until
@@ -519,6 +662,7 @@ class _StepFunctions:
         self.accumulations = 0
         self.tracing = False
         self.purged = []
+        self.terms = None
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")
@@ -538,7 +682,27 @@ class FunctionalAccumulatingModel(AccumulatingModel, Functional):
     # `Functional.__init__`, which its decorator hides (`()`); with named
     # arguments the model saved without its graph and failed to load.
     def __init__(self, *args, **kwargs):
+        source = _keras_internals.cloned_model(args, kwargs)
+        if isinstance(source, AccumulatingModel):
+            # `keras.models.clone_model` passes only inputs, outputs and
+            # name; the clone keeps the source's other arguments.
+            kwargs = {**source._accumulation_arguments(), **kwargs}
         super().__init__(*args, **kwargs)
+
+    def _run_through_graph(self, *args, **kwargs):
+        outputs = super()._run_through_graph(*args, **kwargs)
+        # Lets the constructor `clone_model` calls next find this model.
+        _keras_internals.record_graph_run(self, outputs)
+        return outputs
+
+
+def _symbolic(value):
+    """A `keras.KerasTensor` like `value` (`None` stays `None`)."""
+    if value is None:
+        return None
+    return keras.KerasTensor(
+        value.shape, keras.backend.standardize_dtype(value.dtype)
+    )
 
 
 def _with_flush_callback(callbacks):
@@ -581,7 +745,8 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
 
     Raises:
         TypeError: if `model` is not a Keras model, or has no functional graph
-            (subclass `AccumulatingModel` instead).
+            (subclass `AccumulatingModel` instead), or for a keyword argument
+            `AccumulatingModel` does not take.
         ValueError: if `model` already accumulates gradients, or for a bad
             `accumulate` or `reduction`.
 
@@ -593,6 +758,9 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
     >>> model.weights[0] is base.weights[0]
     True
     """
+    validation.reject_unknown_arguments(
+        kwargs, ACCUMULATION_ARGUMENTS, "wrap()"
+    )
     if isinstance(model, AccumulatingModel):
         raise ValueError(
             "`model` already accumulates gradients "

@@ -1,4 +1,4 @@
-"""Records the normaliser of every Keras loss term computed in a step.
+"""Records what a step's loss is made of: Keras loss terms and added losses.
 
 A Keras `Loss` divides its weighted sum by a normaliser that depends on the
 batch: the number of loss elements (`"sum_over_batch_size"`), the number of
@@ -12,12 +12,18 @@ All Keras losses reduce through `keras.src.losses.loss.reduce_weighted_values`
 installed once, delegates to the original unchanged, and records only inside
 `record_loss_normalisers()` on the same thread: MirroredStrategy runs each
 replica's step on its own thread, and each replica records its own terms.
+
+`Layer.add_loss` is observed the same way, so that every loss a forward pass
+adds is known: an activity regulariser's penalty (whose normalisation the
+installed Keras defines) or anything else (whose normaliser is unknown).
 """
 
 import contextlib
 import dataclasses
+import sys
 import threading
 
+import keras
 from keras import ops
 
 from keras_accum import _keras_internals
@@ -27,21 +33,85 @@ SUM = "sum"
 _state = threading.local()
 
 
+NONE = "none"
+
+
 @dataclasses.dataclass
 class LossTerm:
     """One loss reduction observed during a step.
 
     Attributes:
-        reduction: The Keras reduction name, e.g. `"sum_over_batch_size"`.
+        reduction: The Keras reduction name, e.g. `"sum_over_batch_size"`,
+            or `"none"` for a loss that was not reduced.
         normaliser: Scalar tensor the summed loss was divided by, or `None`
-            for `"sum"` (no division) and for losses that were already
-            scalar before reduction (their normaliser is unknown).
+            for `"sum"` (no division), `"none"`, and for losses that were
+            already scalar before reduction.
         value: The reduced loss, as the `Loss` returned it.
+        scalar_input: Whether the values reduced were a scalar already:
+            Keras returns them unchanged, so such a reduction adds nothing
+            of its own (its normaliser is that of whatever made the scalar).
+        name: The name of the function that called the reduction (the
+            loss's `__call__`), for error messages.
     """
 
     reduction: str
     normaliser: object
     value: object
+    scalar_input: bool = False
+    name: str = ""
+
+    @property
+    def known(self):
+        """Whether the term is reduced over elements Keras counted: its
+        normaliser (or its being summed) is known."""
+        return not self.scalar_input and self.reduction != NONE
+
+
+@dataclasses.dataclass
+class ActivityPenalty:
+    """An activity regulariser's loss, as the layer passed it to `add_loss`.
+
+    Attributes:
+        value: The added loss.
+        examples: The examples Keras divided the penalty by (Keras >= 3.14),
+            or `None` where it is summed over the batch.
+    """
+
+    value: object
+    examples: object
+
+
+@dataclasses.dataclass
+class StepLosses:
+    """What `record_loss_normalisers()` observed.
+
+    Attributes:
+        terms: A `LossTerm` per Keras loss reduction, in call order.
+        penalties: An `ActivityPenalty` per activity regulariser output.
+        added: The other losses passed to `add_loss` (their normaliser is
+            unknown), as `(layer name, value)`.
+    """
+
+    terms: list = dataclasses.field(default_factory=list)
+    penalties: list = dataclasses.field(default_factory=list)
+    added: list = dataclasses.field(default_factory=list)
+    # Set by an activity regulariser that is about to add its penalty:
+    # `(layer, examples)`.
+    pending_penalty: object = None
+    # For `loss_attribution`: a function `(index, term) -> value` returned
+    # instead of each known term's value.
+    substitute: object = None
+    # Called with each term's value: a tape that must differentiate the
+    # loss with respect to the terms watches them (TensorFlow).
+    watch: object = None
+
+    def __iter__(self):
+        return iter(self.terms)
+
+    @property
+    def known_terms(self):
+        """The terms whose normaliser is known (`LossTerm.known`)."""
+        return [term for term in self.terms if term.known]
 
 
 def _elements(values, sample_weight):
@@ -112,18 +182,79 @@ def _recording_reduce_weighted_values(
         dtype=dtype,
     )
     recorder = getattr(_state, "recorder", None)
-    if recorder is not None:
-        reduction = _keras_internals.standardize_reduction(reduction)
-        if reduction not in (None, "none"):
-            normaliser = _normaliser(
-                values, sample_weight, mask, reduction, dtype
-            )
-            recorder.append(LossTerm(reduction, normaliser, loss))
+    if recorder is None:
+        return loss
+    reduction = _keras_internals.standardize_reduction(reduction)
+    name = _caller_name()
+    if reduction in (None, NONE):
+        recorder.terms.append(LossTerm(NONE, None, loss, name=name))
+        return loss
+    scalar_input = tuple(ops.convert_to_tensor(values).shape) in ((), (0,))
+    normaliser = _normaliser(values, sample_weight, mask, reduction, dtype)
+    term = LossTerm(reduction, normaliser, loss, scalar_input, name)
+    recorder.terms.append(term)
+    if recorder.watch is not None:
+        recorder.watch(loss)
+    if recorder.substitute is not None and term.known:
+        return recorder.substitute(len(recorder.known_terms) - 1, term)
     return loss
+
+
+def _caller_name():
+    """The name of the `Loss` reducing (for messages), found on the stack."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if owner is not None and hasattr(owner, "reduction"):
+            return getattr(owner, "name", None) or type(owner).__name__
+        frame = frame.f_back
+    return "a loss"
+
+
+def _recording_add_loss(layer, loss):
+    recorder = getattr(_state, "recorder", None)
+    if recorder is not None:
+        pending = recorder.pending_penalty
+        if pending is not None and pending[0] is layer:
+            recorder.penalties.append(ActivityPenalty(loss, pending[1]))
+            recorder.pending_penalty = None
+        else:
+            recorder.added.append((layer.name, loss))
+    return _original_add_loss(layer, loss)
+
+
+def expect_activity_penalty(layer, output):
+    """Notes that `layer`'s next `add_loss` is its activity penalty on
+    `output` (called by the regulariser wrapper of
+    `_keras_internals.record_activity_regularisation`)."""
+    recorder = getattr(_state, "recorder", None)
+    if recorder is None:
+        return
+    examples = None
+    if (
+        _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN
+        and len(output.shape) > 0
+    ):
+        examples = ops.shape(output)[0]
+    recorder.pending_penalty = (layer, examples)
+
+
+def _install_add_loss():
+    global _original_add_loss
+    current = keras.layers.Layer.add_loss
+    if getattr(current, "_keras_accum_hook", False):
+        _original_add_loss = current._keras_accum_original
+        return
+    _original_add_loss = current
+    _recording_add_loss._keras_accum_hook = True
+    _recording_add_loss._keras_accum_original = current
+    _recording_add_loss.__doc__ = current.__doc__
+    keras.layers.Layer.add_loss = _recording_add_loss
 
 
 def _install():
     global _original_reduce_weighted_values
+    _install_add_loss()
     current = _keras_internals.reduce_weighted_values()
     if getattr(current, "_keras_accum_hook", False):
         _original_reduce_weighted_values = current._keras_accum_original
@@ -137,12 +268,21 @@ def _install():
 
 
 _original_reduce_weighted_values = None
+_original_add_loss = None
 _install()
 
 
 @contextlib.contextmanager
-def record_loss_normalisers():
-    """Collects a `LossTerm` for each Keras loss reduced inside the block.
+def record_loss_normalisers(model=None, substitute=None):
+    """Collects a `LossTerm` for each Keras loss reduced inside the block,
+    and the losses layers add (a `StepLosses`).
+
+    Args:
+        model: `None`, or the model whose activity regularisers' penalties
+            to tell from other added losses (wrap its forward pass too).
+        substitute: `None`, or a function `(index, term) -> value` whose
+            result a known term's reduction returns instead of its value
+            (see `loss_attribution`).
 
     Example:
 
@@ -153,9 +293,12 @@ def record_loss_normalisers():
     ['sum_over_batch_size']
     """
     previous = getattr(_state, "recorder", None)
-    terms = []
-    _state.recorder = terms
+    recorded = StepLosses(substitute=substitute)
+    _state.recorder = recorded
     try:
-        yield terms
+        with _keras_internals.record_activity_regularisation(
+            model, expect_activity_penalty
+        ):
+            yield recorded
     finally:
         _state.recorder = previous

@@ -1,12 +1,28 @@
-"""What a micro-batch adds to the window: weighted losses and normalisers.
+"""The normalisation rule: how each part of a step's loss enters the window.
 
 Keras normalises each loss term per batch (`sum / normaliser`). The window's
 gradient must be normalised by the window's total instead, so a micro-batch
-contributes `normaliser * gradient(loss)` (the gradient of its unnormalised
+contributes `normaliser * gradient(term)` (the gradient of its unnormalised
 sum) and its normaliser; the window divides the summed gradients by the
 summed normalisers when it is applied. The normaliser multiplies the
 gradient, not the loss, so a scaled loss under `mixed_float16` stays in the
 float16 range, as in plain Keras training.
+
+The rule, applied here and nowhere else (`docs/semantics.md`, "The
+normalisation rule"): a step's loss is split into parts whose normalisers
+Keras tells the library, each accumulated in its own way:
+
+- a Keras loss term (every `keras.losses.Loss` reduction, compiled or called
+  in a custom `compute_loss`): its reduction's normaliser, over the window;
+- weight regularisation: the same for every micro-batch of a window, so
+  once per window;
+- an activity regulariser's penalty: as the installed Keras normalises it
+  (a sum over the batch before 3.14, a mean over examples from 3.14).
+
+Anything else is refused with an error before the first update: a loss
+that is not reduced to a scalar, a loss passed to `add_loss` that is not an
+activity penalty, and (decided in `loss_attribution`) a loss that is not a
+fixed linear combination of those parts.
 """
 
 import dataclasses
@@ -14,6 +30,7 @@ import dataclasses
 from keras import ops
 
 from keras_accum import _keras_internals
+from keras_accum.loss_normalisers import NONE
 from keras_accum.loss_normalisers import SUM
 
 AUTO = "auto"
@@ -22,26 +39,44 @@ PER_LOSS = "per_loss"
 LOSS_NORMALISATIONS = (AUTO, SHARED, PER_LOSS)
 
 
-def loss_terms(loss_normalisation, compiled_losses):
-    """Number of separately normalised loss terms (accumulator sets).
+def term_sets(loss_normalisation, reduction, terms):
+    """Number of accumulator sets for the loss terms.
 
-    `"shared"` keeps one. `"per_loss"` keeps one per compiled loss term, and
-    so does `"auto"` (the default) when there are several: only then is a
-    window exact for any mix of reductions, masks and sample weights.
+    `"shared"` keeps one. `"per_loss"` keeps one per Keras loss term, and so
+    does `"auto"` (the default) when there are several: only then is a
+    window exact for any mix of reductions, masks and sample weights. With
+    `reduction="sum"` the whole loss is summed over the window: one set.
 
     Args:
         loss_normalisation: The model's `loss_normalisation`.
-        compiled_losses: The compiled loss terms, or `None` while the
-            compiled loss is not built.
+        reduction: The model's `reduction`.
+        terms: The number of Keras loss terms in the step, or `None` while
+            it is not known (the compiled loss is not built, or a custom
+            `compute_loss` not traced yet).
 
     Returns:
-        An int >= 1, or `None` while the compiled loss is not built yet.
+        An int >= 1, or `None` while `terms` is not known.
     """
-    if loss_normalisation == SHARED:
+    if loss_normalisation == SHARED or reduction == SUM:
         return 1
-    if compiled_losses is None:
+    if terms is None:
         return None
-    return max(1, len(compiled_losses))
+    return max(1, terms)
+
+
+@dataclasses.dataclass
+class Coefficients:
+    """How the step's loss combines its parts (see `loss_attribution`).
+
+    Attributes:
+        terms: One scalar per known Keras loss term: its factor in the loss.
+        regularisation: One scalar per weight-regularisation loss of
+            `regularization_losses(model)`: its factor in the loss (Keras'
+            `compute_loss` adds each scaled for distribution).
+    """
+
+    terms: list
+    regularisation: list
 
 
 @dataclasses.dataclass
@@ -71,13 +106,6 @@ class MicroBatchContribution:
     logged_terms: object = None
 
 
-def _regularisation_loss(model, dtype):
-    losses = _keras_internals.regularization_losses(model)
-    if not losses:
-        return None
-    return sum(ops.cast(value, dtype) for value in losses)
-
-
 def replica_scale(normaliser):
     """The factor of a replica's mean-loss gradient: its normaliser, with
     Keras' distribution scaling divided out exactly.
@@ -94,178 +122,182 @@ def replica_scale(normaliser):
     return ops.stop_gradient(normaliser) / applied
 
 
-def _summed(model, loss, first_in_window):
-    """A summed loss, with weight regularisation kept once per window."""
-    regularisation = _regularisation_loss(model, loss.dtype)
-    if regularisation is None:
-        return loss
-    later = 1.0 - ops.cast(first_in_window, loss.dtype)
-    return loss - later * _keras_internals.scale_loss_for_distribution(
-        regularisation
-    )
+def check_step_losses(model, recorded, loss):
+    """Refuses a step whose loss the rule cannot normalise.
 
+    Called while the step is traced, so the error comes from `fit` before
+    any update.
 
-def shared_contribution(model, terms, loss, batch_size, first_in_window):
-    """One normaliser for the whole loss: that of its first averaged term.
-
-    Exact for a single loss term and for several terms whose normalisers are
-    proportional across micro-batches. Regularisation losses included in
-    `loss` get the same weight, so after division by the window's normaliser
-    they count once per update, as in one big batch.
+    Raises:
+        ValueError: for a Keras loss that is not reduced to a scalar, a
+            step loss that is not a scalar, or (with `reduction="mean"`) a
+            loss passed to `add_loss` that is not an activity penalty.
     """
-    dtype = loss.dtype
-    one = ops.ones((), dtype)
-    if model.reduction == "sum":
-        return MicroBatchContribution(
-            [loss], [one], ops.zeros((1,), dtype), (False,),
-            ops.cast(batch_size, dtype),
+    for term in recorded.terms:
+        if term.reduction == NONE:
+            raise ValueError(
+                f"The loss `{term.name}` is not reduced to a scalar "
+                "(`reduction=None`): a step's loss must be a scalar, and "
+                "keras_accum normalises each Keras loss by its reduction. "
+                'Use reduction="sum_over_batch_size" (Keras\' default), '
+                '"sum" or "mean_with_sample_weight". Received: '
+                f"reduction=None for `{term.name}`"
+            )
+    shape = tuple(loss.shape)
+    if shape not in ((), (1,)):
+        raise ValueError(
+            "The step's loss must be a scalar, as Keras needs to compute "
+            "its gradient. Received: a loss of shape "
+            f"{shape} from `compute_loss`"
         )
-    normalisers = [t.normaliser for t in terms if t.normaliser is not None]
-    if normalisers:
-        normaliser = ops.cast(normalisers[0], dtype)
-    elif terms and all(t.reduction == SUM for t in terms):
-        return MicroBatchContribution(
-            [_summed(model, loss, first_in_window)],
-            [one],
-            ops.zeros((1,), dtype),
-            (False,),
-            ops.cast(batch_size, dtype),
-        )
-    else:
-        # No Keras loss reported a normaliser (e.g. a custom `compute_loss`
-        # returning a mean): weight by examples.
-        normaliser = ops.cast(batch_size, dtype)
-    return MicroBatchContribution(
-        [loss],
-        [replica_scale(normaliser)],
-        ops.reshape(normaliser, (1,)),
-        (True,),
-        normaliser,
+    if model.reduction == SUM or not recorded.added:
+        return
+    names = sorted({name for name, _ in recorded.added})
+    raise ValueError(
+        "With `reduction=\"mean\"` keras_accum normalises every loss of the "
+        "step over the whole window, and a loss passed to `add_loss()` "
+        "has no normaliser Keras knows (it may be a mean over the batch, a "
+        "sum, or a constant). Use a weight regulariser "
+        "(`kernel_regularizer=...`) for a penalty on weights, "
+        "`activity_regularizer=...` for a penalty on outputs, or compute a "
+        "data-dependent loss with a Keras loss (`keras.losses.Loss`) in "
+        "`compute_loss()`; or pass `reduction=\"sum\"` to sum the "
+        "mini-batches' gradients. Received: `add_loss()` called by "
+        f"layer(s) {', '.join(f'`{n}`' for n in names)}"
     )
 
 
-def with_summed_activity(model, contribution, penalties):
-    """Moves a summed activity penalty (Keras < 3.14) into a term of its own.
-
-    Those Keras versions add an activity penalty summed over the batch, so
-    one big batch's gradient holds the plain sum of its micro-batches'
-    penalty gradients, while the rest of the loss is divided by the window's
-    normaliser. Weighting the penalty inside the divided term would need
-    that normaliser before the window ends (and, under a strategy, summed
-    over replicas), so the penalty gets an extra accumulator set instead:
-    summed over the window (`divides=False`, normaliser 0), weighted 1 with
-    Keras' 1/replicas scaling divided out, as `replica_scale` does for the
-    averaged terms. That costs one more set of accumulators and a backward
-    pass through the layers below the regularised ones, and only on those
-    Keras versions, for models with an activity regulariser.
+def micro_batch_contribution(model, recorded, loss, batch_size,
+                             first_in_window, coefficients, sets,
+                             activity_set):
+    """What a micro-batch adds to the window, by the rule.
 
     Args:
-        model: The model (its `_aggregate_additional_loss`).
-        contribution: The micro-batch's `MicroBatchContribution`, whose
-            first objective includes the penalties.
-        penalties: The activity penalties recorded in the forward pass.
+        model: The model (`reduction`, regularisation losses).
+        recorded: The step's `loss_normalisers.StepLosses`.
+        loss: The step's loss, as `compute_loss` returned it.
+        batch_size: The micro-batch's examples (this replica's).
+        first_in_window: Scalar bool, whether it starts a window.
+        coefficients: `Coefficients` of the loss's parts.
+        sets: Number of accumulator sets for the Keras loss terms.
+        activity_set: Whether one more set holds the activity penalties.
 
     Returns:
-        A `MicroBatchContribution` with one more term, last.
+        A `MicroBatchContribution` with `sets + activity_set` terms.
     """
-    objectives = list(contribution.objectives)
-    dtype = objectives[0].dtype
-    penalty = ops.zeros((), dtype)
-    for value in penalties:
-        penalty += ops.cast(
-            _keras_internals.aggregate_additional_loss(model, value), dtype
-        )
-    objectives[0] -= penalty
-    normalisers = contribution.normalisers
-    return MicroBatchContribution(
-        objectives + [penalty],
-        list(contribution.gradient_scales)
-        + [replica_scale(ops.ones((), dtype))],
-        ops.concatenate(
-            [normalisers, ops.zeros((1,), normalisers.dtype)], axis=0
-        ),
-        tuple(contribution.divides) + (False,),
-        contribution.logging_weight,
-    )
-
-
-def per_loss_contribution(model, terms, loss, batch_size, first_in_window):
-    """One normaliser per compiled loss term, each over the whole window.
-
-    Exact for multi-output models whose outputs carry their own masks or
-    sample weights. Losses outside the compiled ones (regularisation,
-    `add_loss`) go with the first term.
-    """
-    flat_losses = _keras_internals.compiled_losses(model)
-    if len(terms) != len(flat_losses):
-        raise ValueError(
-            "Exact accumulation of several loss terms normalises each "
-            "compiled loss term by its own window-wide count, so it needs "
-            "every Keras loss reduced in the step to come from "
-            f"`compile(loss=...)`: {len(flat_losses)} compiled loss "
-            f"term(s), {len(terms)} Keras loss reduction(s) in the step "
-            "(a custom `compute_loss`?). Pass "
-            '`loss_normalisation="shared"` to weight the whole loss by its '
-            "first term's normaliser (exact only when the terms' normalisers "
-            "are proportional). Received: "
-            f"loss_normalisation={model.loss_normalisation!r}"
-        )
     dtype = loss.dtype
-    objectives, scales, normalisers, divides = [], [], [], []
-    compiled_total = ops.zeros((), dtype)
-    for term, flat in zip(terms, flat_losses):
-        weight = 1.0 if flat.loss_weights is None else flat.loss_weights
-        value = ops.cast(term.value, dtype) * ops.cast(weight, dtype)
-        compiled_total += value
-        objectives.append(value)
-        if term.normaliser is None:
-            scales.append(ops.ones((), dtype))
-            normalisers.append(ops.zeros((), dtype))
-            divides.append(False)
-        else:
-            normaliser = ops.cast(term.normaliser, dtype)
-            scales.append(replica_scale(normaliser))
-            normalisers.append(normaliser)
-            divides.append(True)
-    rest = loss - compiled_total
-    logged_terms = _logged_terms(model, objectives, divides, rest,
-                                 normalisers, batch_size)
-    if divides[0]:
-        objectives[0] += rest
+    loss = ops.reshape(loss, ())
+    examples = ops.cast(batch_size, dtype)
+    if model.reduction == SUM:
+        return MicroBatchContribution(
+            [loss], [ops.ones((), dtype)], ops.zeros((1,), dtype), (False,),
+            examples,
+        )
+    terms = recorded.known_terms
+    weighted = [
+        ops.stop_gradient(ops.cast(c, dtype)) * ops.cast(t.value, dtype)
+        for c, t in zip(coefficients.terms, terms)
+    ]
+    regularisation = _weight_regularisation(model, coefficients, dtype)
+    # What is neither a Keras loss term nor weight regularisation: the
+    # activity penalties (anything else was refused).
+    penalties = loss - sum(weighted, ops.zeros((), dtype)) - regularisation
+    if sets == 1:
+        parts = [_shared_part(terms, loss - penalties, first_in_window,
+                              regularisation)]
     else:
-        objectives[0] += _summed(model, rest, first_in_window)
-    logging_weight = normalisers[0] if divides[0] else ops.cast(batch_size, dtype)
+        parts = [
+            _term_part(term, value) for term, value in zip(terms, weighted)
+        ]
+        parts[0] = _with_regularisation(
+            parts[0], regularisation, first_in_window
+        )
+    if activity_set:
+        parts.append(_activity_part(recorded.penalties, penalties, dtype))
+    objectives, scales, normalisers, divides = (list(p) for p in zip(*parts))
+    normalisers = ops.stack([ops.cast(n, dtype) for n in normalisers])
+    logging_weight = normalisers[0] if divides[0] else examples
+    logged_terms = None
+    if len(parts) > 1:
+        unscale = _keras_internals.unscale_loss_for_distribution
+        values = [
+            unscale(value) if divided else value
+            for value, divided in zip(weighted, divides)
+        ]
+        if activity_set:
+            # Added through `_aggregate_additional_loss`, scaled for
+            # distribution whether it is summed or a mean.
+            values.append(unscale(penalties))
+        logged_terms = (
+            ops.stack(values + [unscale(regularisation)]),
+            ops.concatenate([normalisers, ops.reshape(examples, (1,))]),
+            examples,
+        )
     return MicroBatchContribution(
-        objectives, scales, ops.stack(normalisers), tuple(divides),
-        logging_weight,
+        objectives, scales, normalisers, tuple(divides), logging_weight,
         logged_terms=logged_terms,
     )
 
 
-def _logged_terms(model, values, divides, rest, normalisers, batch_size):
-    """Each term's loss and normaliser, for the exact logged window loss.
+def _weight_regularisation(model, coefficients, dtype):
+    """The weight-regularisation part of the loss, as the loss holds it."""
+    losses = _keras_internals.regularization_losses(model)
+    total = ops.zeros((), dtype)
+    for value, factor in zip(losses, coefficients.regularisation):
+        total += ops.stop_gradient(ops.cast(factor, dtype)) * ops.cast(
+            ops.sum(value), dtype
+        )
+    return total
 
-    The big batch's loss is each term's window sum over its window
-    normaliser, plus the rest (regularisation, `add_loss`), which Keras adds
-    per batch: weight regularisation is the same for every micro-batch of a
-    window and activity regularisation is a mean over examples, so the rest
-    is averaged over the window's examples. `reduction="sum"` has no big
-    batch to match and keeps the shared logging.
 
-    Keras divides averaged terms and the rest by the replica count under a
-    strategy, not summed terms: only the former are unscaled, so that the
-    replicas' sums add up to the global batch's.
-    """
-    if model.reduction == "sum":
-        return None
-    unscale = _keras_internals.unscale_loss_for_distribution
-    values = [
-        unscale(value) if divided else value
-        for value, divided in zip(values, divides)
-    ]
-    examples = ops.cast(batch_size, rest.dtype)
-    return (
-        ops.stack(values + [unscale(rest)]),
-        ops.stack(normalisers + [examples]),
-        examples,
+def _term_part(term, value):
+    """`(objective, scale, normaliser, divides)` of one Keras loss term."""
+    dtype = value.dtype
+    if term.reduction == SUM:
+        return value, ops.ones((), dtype), ops.zeros((), dtype), False
+    normaliser = ops.cast(term.normaliser, dtype)
+    return value, replica_scale(normaliser), normaliser, True
+
+
+def _with_regularisation(part, regularisation, first_in_window):
+    """Adds weight regularisation to a term's part, once per window: a
+    divided term weights it by the micro-batch's share of the window's
+    normaliser (the weights do not change inside a window), a summed term
+    keeps it on the window's first micro-batch only."""
+    objective, scale, normaliser, divides = part
+    if not divides:
+        later = 1.0 - ops.cast(first_in_window, regularisation.dtype)
+        regularisation = regularisation - later * regularisation
+    return objective + regularisation, scale, normaliser, divides
+
+
+def _shared_part(terms, loss, first_in_window, regularisation):
+    """One set for all the Keras loss terms and weight regularisation,
+    normalised by the first term's normaliser: exact for one term, and for
+    several whose normalisers are proportional (`"shared"`)."""
+    dtype = loss.dtype
+    averaged = [t for t in terms if t.reduction != SUM]
+    if averaged:
+        normaliser = ops.cast(averaged[0].normaliser, dtype)
+        return loss, replica_scale(normaliser), normaliser, True
+    if terms:
+        summed = loss - regularisation
+    else:
+        # No Keras loss term: weight regularisation alone.
+        summed = ops.zeros((), dtype)
+    return _with_regularisation(
+        (summed, ops.ones((), dtype), ops.zeros((), dtype), False),
+        regularisation, first_in_window,
     )
+
+
+def _activity_part(penalties, value, dtype):
+    """The activity penalties' set: a mean over examples (Keras >= 3.14,
+    normalised by the examples Keras divided by) or a sum over the batch
+    (summed over the window)."""
+    examples = [p.examples for p in penalties if p.examples is not None]
+    if not examples:
+        summed_scale = replica_scale(ops.ones((), dtype))
+        return value, summed_scale, ops.zeros((), dtype), False
+    mean_normaliser = ops.cast(examples[0], dtype)
+    return value, replica_scale(mean_normaliser), mean_normaliser, True

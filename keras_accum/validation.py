@@ -4,6 +4,7 @@ Every error names the argument, says what is allowed and echoes the value
 received, as Keras does (`keras/src/optimizers/base_optimizer.py`).
 """
 
+import difflib
 import sys
 
 import keras
@@ -83,6 +84,40 @@ def validate_choice(value, name, allowed):
             f"`{name}` must be {choices}. Received: {name}={value!r}"
         )
     return value
+
+
+def reject_unknown_arguments(kwargs, valid, where):
+    """Raises for keyword arguments that `where` does not take.
+
+    Names each unknown keyword and, where one is close, the valid keyword
+    it may be a misspelling of (`difflib.get_close_matches`).
+
+    Args:
+        kwargs: The keyword arguments received.
+        valid: The keyword names `where` takes.
+        where: What received them, for the message (e.g. `"wrap()"`).
+
+    Raises:
+        TypeError: if a key of `kwargs` is not in `valid`.
+    """
+    unknown = [key for key in kwargs if key not in valid]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(valid), n=1)
+        if close:
+            hints.append(
+                f"`{close[0]}`" if len(unknown) == 1
+                else f"`{close[0]}` for `{key}`"
+            )
+    hint = f" Did you mean {', '.join(hints)}?" if hints else ""
+    received = ", ".join(f"{key}={kwargs[key]!r}" for key in unknown)
+    raise TypeError(
+        f"Argument(s) not recognized by `{where}`: "
+        f"{', '.join(f'`{key}`' for key in unknown)}.{hint} Valid keyword "
+        f"arguments: {', '.join(sorted(valid))}. Received: {received}"
+    )
 
 
 def validate_fit_arguments(schedule, x, steps_per_epoch, callbacks):

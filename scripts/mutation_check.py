@@ -73,6 +73,7 @@ T_NONFINITE = "tests/numerics_test.py::TestNonFiniteGradients"
 T_WORKFLOW = "tests/workflows_test.py::test_workflow"
 T_DROPIN = "tests/distributed_dropin_test.py"
 T_NORMALISATION = "tests/normalisation_test.py"
+T_RULE = "tests/loss_rule_test.py"
 
 MUTANTS = (
     # Issue 16: distributed drop-in.
@@ -154,7 +155,7 @@ MUTANTS = (
     Mutant(
         "several-loss-terms-share-a-normaliser",
         "keras_accum/objectives.py",
-        "    return max(1, len(compiled_losses))\n",
+        "    return max(1, terms)\n",
         "    return 1\n",
         (
             "tests/normalisation_test.py::TestMultiOutput::"
@@ -165,12 +166,8 @@ MUTANTS = (
     Mutant(
         "equal-weighting",
         "keras_accum/objectives.py",
-        "        [loss],\n"
-        "        [replica_scale(normaliser)],\n"
-        "        ops.reshape(normaliser, (1,)),",
-        "        [loss],\n"
-        "        [ops.cast(replicas, dtype)],\n"
-        "        ops.ones((1,), dtype),",
+        "        return loss, replica_scale(normaliser), normaliser, True\n",
+        "        return loss, ops.ones((), dtype), ops.ones((), dtype), True\n",
         (
             f"{T_EXACT}::test_epoch_mode_with_ragged_last_batch",
             f"{T_NUMERICS}::test_mixed_precision_close_to_float32_big_batch",
@@ -226,8 +223,8 @@ MUTANTS = (
     Mutant(
         "regularisation-per-micro-batch",
         "keras_accum/objectives.py",
-        "    later = 1.0 - ops.cast(first_in_window, loss.dtype)",
-        "    later = 0.0 * ops.cast(first_in_window, loss.dtype)",
+        "        later = 1.0 - ops.cast(first_in_window, regularisation.dtype)",
+        "        later = 0.0 * ops.cast(first_in_window, regularisation.dtype)",
         (
             "tests/normalisation_test.py::"
             "test_every_reduction_with_sample_weights[epoch-sum]",
@@ -320,7 +317,7 @@ MUTANTS = (
     Mutant(
         "accumulate-missing-from-get-config",
         "keras_accum/accumulating_model.py",
-        '                "accumulate": self._schedule.get_config(),\n',
+        '        config["accumulate"] = self._schedule.get_config()\n',
         "",
         (
             "tests/saving_test.py::test_save_load_resume_equals_uninterrupted"
@@ -402,14 +399,15 @@ MUTANTS = (
             f"{T_NONFINITE}::test_skip_leaves_out_the_micro_batch_exactly",
         ),
     ),
-    # Issue 15: activity penalties summed over the batch (Keras < 3.14).
-    # Both are equivalent mutants on Keras >= 3.14: run them with the
+    # Issue 15 (and 25): activity penalties in a set of their own. The
+    # first drops the set; the second is an equivalent mutant on Keras
+    # >= 3.14 (where penalties are averaged, not summed): run it with the
     # Python of a Keras 3.10-3.13 environment (scripts/version_matrix.py).
     Mutant(
         "activity-penalty-divided-by-window",
         "keras_accum/accumulating_model.py",
-        "            and _keras_internals.sums_activity_regularisation(self)\n",
-        "            and False\n",
+        "        return self._reduction == \"mean\" and bool(\n",
+        "        return False and bool(\n",
         (
             f"{T_NORMALISATION}::"
             "test_activity_and_weight_regularisers_count_once",
@@ -420,11 +418,169 @@ MUTANTS = (
     Mutant(
         "activity-penalty-replica-scale-kept",
         "keras_accum/objectives.py",
-        "        + [replica_scale(ops.ones((), dtype))],\n",
-        "        + [ops.ones((), dtype)],\n",
+        "        summed_scale = replica_scale(ops.ones((), dtype))\n",
+        "        summed_scale = ops.ones((), dtype)\n",
         (
             f"{T_NORMALISATION}::"
             "test_activity_regulariser_under_two_replicas",
+        ),
+    ),
+    # issue 25: the normalisation rule (keras_accum/objectives.py,
+    # keras_accum/loss_attribution.py).
+    Mutant(
+        "custom-loss-factors-ignored",
+        "keras_accum/objectives.py",
+        "        ops.stop_gradient(ops.cast(c, dtype)) * ops.cast(t.value, dtype)\n",
+        "        ops.cast(t.value, dtype)\n",
+        (
+            f"{T_RULE}::TestCustomComputeLoss::"
+            "test_linear_mix_with_regularisers_and_model_losses",
+        ),
+    ),
+    Mutant(
+        "unattributed-loss-accepted",
+        "keras_accum/loss_attribution.py",
+        "    if not found.attributed:\n",
+        "    if False:\n",
+        (
+            f"{T_RULE}::TestCustomComputeLoss::"
+            "test_part_without_a_known_normaliser_is_refused",
+            f"{T_RULE}::TestCustomComputeLoss::"
+            "test_compiled_function_returning_a_mean_is_refused",
+        ),
+    ),
+    Mutant(
+        "non-linear-loss-accepted",
+        "keras_accum/loss_attribution.py",
+        "    if not found.constant:\n",
+        "    if False:\n",
+        (
+            f"{T_RULE}::TestCustomComputeLoss::"
+            "test_non_linear_combination_is_refused",
+        ),
+    ),
+    Mutant(
+        "custom-loss-terms-share-one-set",
+        "keras_accum/accumulating_model.py",
+        "        self._functions.terms = len(recorded.known_terms)\n",
+        "        self._functions.terms = min(1, len(recorded.known_terms))\n",
+        (
+            f"{T_RULE}::TestCustomComputeLoss::"
+            "test_compiled_loss_plus_a_summed_keras_loss",
+            f"{T_RULE}::TestCustomComputeLoss::"
+            "test_two_keras_losses_with_different_normalisers",
+        ),
+    ),
+    Mutant(
+        "add-loss-accepted",
+        "keras_accum/objectives.py",
+        "    if model.reduction == SUM or not recorded.added:\n",
+        "    if True:\n",
+        (f"{T_RULE}::TestPenalties::test_data_dependent_add_loss_is_refused",),
+    ),
+    Mutant(
+        "activity-penalty-summed-on-keras-3-14",
+        "keras_accum/objectives.py",
+        "    mean_normaliser = ops.cast(examples[0], dtype)\n",
+        "    mean_normaliser = ops.cast(examples[0], dtype)\n"
+        "    return value, replica_scale(ops.ones((), dtype)), "
+        "ops.zeros((), dtype), False\n",
+        (
+            f"{T_RULE}::TestPenalties::"
+            "test_activity_penalty_next_to_a_weighted_loss",
+        ),
+    ),
+    Mutant(
+        "unreduced-loss-accepted",
+        "keras_accum/objectives.py",
+        "        if term.reduction == NONE:\n",
+        "        if False:\n",
+        (f"{T_RULE}::test_unreduced_loss_is_refused",),
+    ),
+    Mutant(
+        "window-of-one-batch-is-plain-keras-under-a-strategy",
+        "keras_accum/accumulating_model.py",
+        "        return self._schedule.value == 1 and self._replicas() == 1\n",
+        "        return self._schedule.value == 1\n",
+        (
+            f"{T_DROPIN}::TestWindowOfOneBatch::"
+            "test_masked_loss_matches_the_single_device_batch",
+        ),
+    ),
+    # issue 25: arguments, clone_model, window checks
+    Mutant(
+        "window-check-counter-kept-across-epochs",
+        "keras_accum/flush_callback.py",
+        "        self._windows_checked = 0\n"
+        "        self._deferred_check = None\n",
+        "        self._deferred_check = None\n",
+        (
+            f"{T_NUMERICS}::"
+            "test_raise_checks_the_windows_of_a_later_epoch_from_its_start",
+        ),
+    ),
+    Mutant(
+        "skip-ignores-nonfinite-loss",
+        "keras_accum/backend/tensorflow/trainer.py",
+        "loss_is_finite=tf.math.is_finite(logged_loss),",
+        "loss_is_finite=True,",
+        (
+            f"{T_NUMERICS}::"
+            "test_skip_leaves_out_a_micro_batch_whose_loss_alone_is_not_finite",
+        ),
+    ),
+    Mutant(
+        "model-accepts-unknown-keywords",
+        "keras_accum/accumulating_model.py",
+        "        keras_keywords = self._keras_keywords(args, kwargs)\n",
+        "        keras_keywords = None\n",
+        (
+            "tests/misuse_test.py::TestUnknownKeywordArguments::"
+            "test_functional_form_refuses_a_misspelt_keyword",
+            "tests/misuse_test.py::TestUnknownKeywordArguments::"
+            "test_functional_form_suggests_keras_keywords",
+            "tests/misuse_test.py::TestUnknownKeywordArguments::"
+            "test_subclassed_form_refuses_a_misspelt_keyword",
+        ),
+    ),
+    Mutant(
+        "wrap-accepts-unknown-keywords",
+        "keras_accum/accumulating_model.py",
+        "        kwargs, ACCUMULATION_ARGUMENTS, \"wrap()\"\n",
+        "        {}, ACCUMULATION_ARGUMENTS, \"wrap()\"\n",
+        (
+            "tests/misuse_test.py::TestUnknownKeywordArguments::"
+            "test_wrap_refuses_a_misspelt_keyword",
+        ),
+    ),
+    Mutant(
+        "clone-takes-default-arguments",
+        "keras_accum/accumulating_model.py",
+        "        if isinstance(source, AccumulatingModel):\n",
+        "        if False:\n",
+        (
+            "tests/saving_test.py::"
+            "test_clone_model_keeps_the_accumulation_arguments[functional]",
+            "tests/saving_test.py::test_clone_model_keeps_the_accumulation_"
+            "arguments[wrapped-sequential]",
+            "tests/saving_test.py::"
+            "test_clone_model_keeps_an_accumulate_schedule",
+        ),
+    ),
+    # issue 25: clipping under a strategy
+    Mutant(
+        "clip-replica-share-not-window",
+        "keras_accum/backend/tensorflow/trainer.py",
+        "        context.all_reduce(\n"
+        "            tf.distribute.ReduceOp.SUM, "
+        "[g for g in gradients if g is not None]\n"
+        "        )\n",
+        "        [g for g in gradients if g is not None]\n",
+        (
+            "tests/distribution_test.py::TestClippingUnderStrategy::"
+            "test_every_n_window_is_clipped_as_one_big_batch",
+            "tests/distribution_test.py::TestClippingUnderStrategy::"
+            "test_epoch_window_is_clipped_as_one_big_batch",
         ),
     ),
 )

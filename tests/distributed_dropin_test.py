@@ -307,3 +307,28 @@ class TestStrategyRows:
         else:
             window = accumulate
         _assert_exact(model, case.reference(window))
+
+
+@pytest.mark.usefixtures("float64")
+class TestWindowOfOneBatch:
+    """`accumulate=1` under a strategy with several replicas (issue 25,
+    found by the generated harness): plain Keras normalises each replica's
+    masked loss by its own valid entries and clips each replica's share, so
+    it differed from the single-device batch (relative weight error 0.25
+    on masked sequences). The model trains through the accumulating step
+    with a window of one batch instead."""
+
+    @pytest.mark.parametrize("replicas", [2, 3])
+    def test_masked_loss_matches_the_single_device_batch(self, replicas):
+        """Catches `accumulate=1` handed to plain Keras' step under a
+        strategy."""
+        case = masked_tagging(weighted=True)
+        model = case.fit(replicas, 1)
+        _assert_exact(model, case.reference(1))
+
+    def test_one_device_trains_as_keras(self):
+        """Keeps plain Keras' step (no accumulators) on one device."""
+        case = masked_tagging()
+        model = case.fit(1, 1)
+        _assert_exact(model, case.reference(1))
+        assert not model._accumulator.built

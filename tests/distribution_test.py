@@ -148,7 +148,7 @@ class TestMirroredStrategy:
                                        _reference_weights(4))
         assert error > 1e3 * RTOL
 
-    @pytest.mark.parametrize("accumulate", ["epoch", 4])
+    @pytest.mark.parametrize("accumulate", ["epoch", 4, 1])
     def test_one_gradient_reduction_per_update(self, accumulate, reductions):
         model = _fit_under(_mirrored(2), accumulate)
         updates = int(model.optimizer.iterations.numpy())
@@ -160,7 +160,13 @@ class TestMirroredStrategy:
         assert int(reductions.tensors.numpy()) == (variables + 1) * updates
 
     def test_counter_sees_plain_training_reduce_every_step(self, reductions):
-        model = _fit_under(_mirrored(2), 1)
+        strategy = _mirrored(2)
+        x, y, sample_weight = cases.training_data()
+        with strategy.scope():
+            model = keras.Model(*helpers.dense_graph())
+            model.compile(optimizer=helpers.make_optimizer("sgd"), loss="mse")
+        model.fit(_dataset(x, y, sample_weight), epochs=cases.EPOCHS,
+                  verbose=0)
         steps = int(model.optimizer.iterations.numpy())
         assert steps == cases.EPOCHS * 16
         assert int(reductions.calls.numpy()) == steps
@@ -278,3 +284,105 @@ def test_multi_worker_mirrored_two_processes(tmp_path, float64):
         assert error <= RTOL, f"{name}: relative error {error:.3g}"
         windows = len(helpers.windows(n, batch, accumulate))
         assert int(results[0]["iterations"]) == cases.EPOCHS * windows, name
+
+
+# Issue 25, case 7: gradient clipping under a strategy. A global batch of 60
+# splits evenly over 2 and 3 replicas; 482 examples leave a last global
+# batch of 2, so on 3 replicas one of them gets no example from it.
+CLIPPING_EXAMPLES, CLIPPING_BATCH = 482, 60
+CLIPPING_OPTIMIZERS = {
+    "clipnorm-sgd": lambda: keras.optimizers.SGD(0.1, clipnorm=0.05),
+    "clipvalue-sgd": lambda: keras.optimizers.SGD(0.1, clipvalue=0.01),
+    "global_clipnorm-adam": lambda: keras.optimizers.Adam(
+        0.01, global_clipnorm=0.05
+    ),
+    # `apply` divides by `loss_scale_factor` before it clips.
+    "clipnorm-adam-loss_scale_factor": lambda: keras.optimizers.Adam(
+        0.01, clipnorm=0.05, loss_scale_factor=4.0
+    ),
+}
+
+
+def _clipped_under(replicas, accumulate, make_optimizer, wrap=None):
+    """An `AccumulatingModel` trained under `replicas` with a clipping
+    optimizer (wrapped by `wrap`, if given), and the single-device big batch
+    with the same optimizer."""
+    x, y, sample_weight = (
+        a[:CLIPPING_EXAMPLES] for a in cases.training_data()
+    )
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (x, y, sample_weight)
+    ).batch(CLIPPING_BATCH)
+    with _mirrored(replicas).scope():
+        model = AccumulatingModel(*helpers.dense_graph(),
+                                  accumulate=accumulate)
+        optimizer = make_optimizer()
+        model.compile(optimizer=wrap(optimizer) if wrap else optimizer,
+                      loss="mse")
+    model.fit(dataset, epochs=cases.EPOCHS, verbose=0)
+    reference = keras.Model(*helpers.dense_graph())
+    reference.compile(optimizer=make_optimizer(), loss="mse")
+    expected = helpers.big_batch_reference(
+        reference, x, y, CLIPPING_BATCH, accumulate, cases.EPOCHS,
+        sample_weight=sample_weight,
+    )
+    return model, expected
+
+
+def _clipping_arguments(optimizer):
+    config = optimizer.get_config()
+    return {name: config[name] for name in (
+        "clipnorm", "global_clipnorm", "clipvalue", "loss_scale_factor"
+    )}
+
+
+@pytest.mark.usefixtures("float64")
+class TestClippingUnderStrategy:
+    """Issue 25, case 7: Keras' `apply` clips each replica's share of the
+    gradient before its all-reduce, so under a strategy the window's
+    gradient was clipped per replica (relative weight error 0.03 to 2
+    against the single-device big batch). It must be clipped as a whole,
+    as one device clips the big batch's."""
+
+    @pytest.mark.parametrize("replicas", [2, 3])
+    @pytest.mark.parametrize("kind", list(CLIPPING_OPTIMIZERS))
+    def test_every_n_window_is_clipped_as_one_big_batch(self, kind,
+                                                        replicas):
+        """Catches clipping of each replica's share (issue 25, case 7)."""
+        make_optimizer = CLIPPING_OPTIMIZERS[kind]
+        model, expected = _clipped_under(replicas, 3, make_optimizer)
+        helpers.assert_exact(model.get_weights(), expected)
+        # The optimizer's own arguments are back after the traced update.
+        assert _clipping_arguments(model.optimizer) == _clipping_arguments(
+            make_optimizer()
+        )
+
+    @pytest.mark.parametrize(
+        "kind", ["clipnorm-sgd", "clipvalue-sgd", "global_clipnorm-adam"]
+    )
+    def test_epoch_window_is_clipped_as_one_big_batch(self, kind):
+        """Catches per-replica clipping in the epoch-end update (issue 25,
+        case 7), which `apply_accumulated_gradients` traces apart from the
+        step."""
+        model, expected = _clipped_under(3, "epoch", CLIPPING_OPTIMIZERS[kind])
+        helpers.assert_exact(model.get_weights(), expected)
+
+    def test_loss_scale_optimizer_clips_the_window_gradient(self):
+        """Catches per-replica clipping by the optimizer inside a
+        `LossScaleOptimizer` (issue 25, case 7)."""
+        model, expected = _clipped_under(
+            2, 3, CLIPPING_OPTIMIZERS["clipnorm-sgd"],
+            wrap=keras.optimizers.LossScaleOptimizer,
+        )
+        helpers.assert_exact(model.get_weights(), expected)
+
+    def test_clipping_costs_one_more_reduction_per_update(self, reductions):
+        """Issue 25, case 7: the window's gradient is all-reduced before it
+        is clipped, then the optimizer all-reduces the clipped gradient (on
+        the first replica, zeros on the others): one more batched reduction
+        per update than without clipping, none per micro-step."""
+        model, _ = _clipped_under(2, 3, CLIPPING_OPTIMIZERS["clipnorm-sgd"])
+        updates = int(model.optimizer.iterations.numpy())
+        variables = len(model.trainable_variables)
+        assert int(reductions.calls.numpy()) == 3 * updates
+        assert int(reductions.tensors.numpy()) == (2 * variables + 1) * updates

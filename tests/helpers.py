@@ -152,16 +152,24 @@ class NaiveAveragingModel(FunctionalAccumulatingModel):
         kwargs.setdefault("loss_normalisation", "shared")
         super().__init__(inputs, outputs, **kwargs)
 
-    def _micro_batch_contribution(self, terms, loss, batch_size,
-                                  first_in_window):
+    def _micro_batch_contribution(self, recorded, loss, batch_size,
+                                  first_in_window, probe):
         from keras import ops
 
         from keras_accum.objectives import MicroBatchContribution
 
         strategy = getattr(self, "distribute_strategy", None)
         replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+        # The whole loss in the first set; any other set (the activity
+        # penalties') gets nothing.
+        others = len(self._accumulator.gradients) - 1
+        zero = ops.zeros((), loss.dtype)
         return MicroBatchContribution(
-            [loss], [ops.cast(replicas, loss.dtype)],
-            ops.ones((1,), loss.dtype), (True,),
+            [ops.reshape(loss, ())] + [zero] * others,
+            [ops.cast(replicas, loss.dtype)] + [zero] * others,
+            ops.concatenate(
+                [ops.ones((1,), loss.dtype), ops.zeros((others,), loss.dtype)]
+            ),
+            (True,) + (False,) * others,
             ops.cast(batch_size, loss.dtype),
         )

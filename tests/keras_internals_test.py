@@ -33,10 +33,36 @@ def test_loss_reduction_hook_sees_every_keras_loss():
     `reduce_weighted_values` (the normalisers would go unrecorded)."""
     hook = _keras_internals.reduce_weighted_values()
     assert getattr(hook, "_keras_accum_hook", False)
-    with loss_normalisers.record_loss_normalisers() as terms:
+    with loss_normalisers.record_loss_normalisers() as recorded:
         keras.losses.MeanSquaredError()(np.ones((4, 1)), np.zeros((4, 1)))
-    assert [t.reduction for t in terms] == ["sum_over_batch_size"]
-    assert float(terms[0].normaliser) == 4.0
+    assert [t.reduction for t in recorded.terms] == ["sum_over_batch_size"]
+    assert float(recorded.terms[0].normaliser) == 4.0
+
+
+def test_add_loss_hook_tells_penalties_from_other_losses():
+    """Catches Keras no longer calling `Layer.add_loss` for an activity
+    penalty right after the regulariser (issue 25: a penalty would be
+    taken for a data-dependent `add_loss` and refused, or the reverse)."""
+    assert getattr(keras.layers.Layer.add_loss, "_keras_accum_hook", False)
+
+    class AddsLoss(keras.layers.Layer):
+        def call(self, inputs):
+            self.add_loss(keras.ops.mean(inputs))
+            return inputs
+
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(
+        2, activity_regularizer=keras.regularizers.L1(0.1)
+    )(inputs)
+    model = keras.Model(inputs, AddsLoss()(hidden))
+    with loss_normalisers.record_loss_normalisers(model) as recorded:
+        model(np.ones((4, 3)))
+    assert len(recorded.penalties) == 1 and len(recorded.added) == 1
+    examples = recorded.penalties[0].examples
+    if _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN:
+        assert int(examples) == 4
+    else:
+        assert examples is None
 
 
 def test_loss_module_functions_keep_their_signatures():

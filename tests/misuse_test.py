@@ -353,3 +353,82 @@ class TestOutsideFit:
         # One window of 3 batches: exactly the big batch of the fit's data.
         error = helpers.relative_error(model.get_weights(), _big_batch(x, y))
         assert error <= RTOL, f"relative error {error:.3g}"
+
+
+class TestUnknownKeywordArguments:
+    """A misspelt keyword is refused, naming the closest valid one."""
+
+    def test_functional_form_refuses_a_misspelt_keyword(self):
+        """Catches the functional `__init__` forwarding unknown keywords to
+        Keras' `Functional`, which drops them (issue 25, case 4):
+        `AccumulatingModel(i, o, accumulte=4)` trained with
+        `accumulate="epoch"`."""
+        with pytest.raises(
+            TypeError,
+            match=r"not recognized by `AccumulatingModel`: `accumulte`\. "
+                  r"Did you mean `accumulate`\?.* Received: accumulte=4$",
+        ):
+            AccumulatingModel(*helpers.dense_graph(), accumulte=4)
+
+    def test_functional_form_suggests_keras_keywords(self):
+        """Catches the functional form accepting a misspelt Keras keyword
+        (issue 25, case 4), and suggestions limited to keras_accum's own."""
+        with pytest.raises(TypeError, match=r"Did you mean `trainable`\?"):
+            AccumulatingModel(*helpers.dense_graph(), trainabel=False)
+
+    @pytest.mark.parametrize("sequential", [False, True],
+                             ids=["functional", "sequential"])
+    def test_wrap_refuses_a_misspelt_keyword(self, sequential):
+        """Catches `wrap` forwarding unknown keywords to Keras' `Functional`
+        (issue 25, case 4): `wrap(model, accumulte=4)` trained with
+        `accumulate="epoch"`."""
+        if sequential:
+            model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
+        else:
+            model = keras.Model(*helpers.dense_graph())
+        with pytest.raises(
+            TypeError,
+            match=r"not recognized by `wrap\(\)`: `on_nonfinte`\. Did you "
+                  r"mean `on_nonfinite`\?.* Received: on_nonfinte='skip'$",
+        ):
+            keras_accum.wrap(model, accumulate=4, on_nonfinte="skip")
+
+    def test_subclassed_form_refuses_a_misspelt_keyword(self):
+        """Catches the subclassed form answering a misspelt keyword
+        differently from the functional form (issue 25, case 4; Keras
+        raises a `ValueError` without a suggestion there)."""
+
+        class Net(AccumulatingModel):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.dense = keras.layers.Dense(1)
+
+            def call(self, inputs):
+                return self.dense(inputs)
+
+        with pytest.raises(
+            TypeError,
+            match=r"not recognized by `Net`: `reductoin`\. Did you mean "
+                  r"`reduction`\?.* Received: reductoin='sum'$",
+        ):
+            Net(accumulate=2, reductoin="sum")
+        model = Net(accumulate=2, reduction="sum", name="net",
+                    dtype="float32", trainable=True)
+        assert (model.accumulate, model.reduction, model.name) == (
+            2, "sum", "net")
+
+    def test_valid_keywords_are_still_accepted(self):
+        """Catches the check refusing a keyword `keras.Model` or
+        `AccumulatingModel` takes (issue 25, case 4)."""
+        inputs, outputs = helpers.dense_graph()
+        model = AccumulatingModel(
+            inputs=inputs, outputs=outputs, name="m", trainable=True,
+            accumulate=3, reduction="sum", loss_normalisation="per_loss",
+            on_nonfinite="skip",
+        )
+        assert (model.name, model.accumulate, model.on_nonfinite) == (
+            "m", 3, "skip")
+        wrapped = keras_accum.wrap(keras.Model(*helpers.dense_graph()),
+                                   loss_normalisation="shared",
+                                   on_nonfinite="skip")
+        assert wrapped.loss_normalisation == "shared"

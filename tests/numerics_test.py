@@ -374,26 +374,107 @@ def test_batch_normalization_updates_per_micro_batch():
                                plain_bn.moving_variance.numpy(), rtol=1e-6)
 
 
-@pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("use_keras_loss", [True, False])
-def test_compute_loss_override_accumulates_exactly(use_keras_loss):
+def _custom_loss_model(loss_function):
     class CustomLoss(FunctionalAccumulatingModel):
         def compute_loss(self, x=None, y=None, y_pred=None,
                          sample_weight=None, training=True):
-            if use_keras_loss:
-                loss = keras.losses.MeanAbsoluteError()(y, y_pred)
-            else:
-                loss = ops.mean(ops.abs(y - y_pred))
-            return loss + sum(self.losses)
+            return loss_function(y, y_pred) + sum(self.losses)
 
+    return CustomLoss
+
+
+def _regularised_graph():
+    return helpers.dense_graph(regularizer=keras.regularizers.L2(0.01))
+
+
+@pytest.mark.usefixtures("float64")
+def test_compute_loss_override_accumulates_exactly():
+    """A custom `compute_loss` made of a Keras loss and `self.losses` is
+    normalised like the compiled loss."""
     x, y = helpers.regression_data(N)
-    graph = lambda: helpers.dense_graph(  # noqa: E731
-        regularizer=keras.regularizers.L2(0.01)
+    model = _custom_loss_model(keras.losses.MeanAbsoluteError())(
+        *_regularised_graph(), accumulate="epoch"
     )
-    model = CustomLoss(*graph(), accumulate="epoch")
     model.compile(optimizer=keras.optimizers.SGD(0.1))
     model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
-    reference = keras.Model(*graph())
+    reference = keras.Model(*_regularised_graph())
     reference.compile(optimizer=keras.optimizers.SGD(0.1), loss="mae")
     expected = helpers.big_batch_reference(reference, x, y, BATCH, "epoch", 2)
     assert helpers.relative_error(model.get_weights(), expected) <= RTOL
+
+
+@pytest.mark.usefixtures("float64")
+def test_compute_loss_with_a_hand_written_mean_is_refused():
+    """Issue 25: a hand-written mean has no normaliser Keras reports; it
+    was weighted by examples, a default that is right for this one loss
+    and silently wrong for a mean over anything else. Refused now."""
+    x, y = helpers.regression_data(N)
+    model = _custom_loss_model(lambda y, p: ops.mean(ops.abs(y - p)))(
+        *_regularised_graph(), accumulate="epoch"
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="hand-written mean"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    for weight, initial in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(weight, initial)
+
+
+@pytest.mark.usefixtures("float64")
+def test_raise_checks_the_windows_of_a_later_epoch_from_its_start():
+    """Catches the window-check counter of `ApplyAccumulatedGradients` not
+    reset in `on_epoch_begin` (issue 25, mutant (a)): with a non-finite
+    window only in epoch 1, three later windows were applied before the
+    error (`iterations` 7, not 4) and it named batches 6-7, not 0-1."""
+    x, y = helpers.regression_data(64)
+
+    def batches():  # Two epochs of 8 batches; NaN in epoch 1, batch 0.
+        for epoch in range(2):
+            for b in range(8):
+                xb = x[8 * b:8 * b + 8].copy()
+                if epoch == 1 and b == 0:
+                    xb[3, 0] = np.nan
+                yield xb, y[8 * b:8 * b + 8]
+
+    model = AccumulatingModel(*helpers.dense_graph(), accumulate=2)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    with pytest.raises(FloatingPointError,
+                       match="epoch 1, in the window of batches 0-1:"):
+        model.fit(batches(), steps_per_epoch=8, epochs=2, shuffle=False,
+                  verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert model.discarded_windows == 1
+
+
+def _loss_not_finite_below_zero(y_true, y_pred):
+    """Mean squared error, plus `0 * log(y_true)`: a loss whose value is
+    NaN where `y_true < 0` while its gradient stays finite."""
+    return (ops.mean(ops.square(y_true - y_pred), axis=-1)
+            + 0.0 * ops.mean(ops.log(y_true), axis=-1))
+
+
+@pytest.mark.usefixtures("float64")
+def test_skip_leaves_out_a_micro_batch_whose_loss_alone_is_not_finite():
+    """Catches `on_nonfinite="skip"` checking only the gradient (issue 25,
+    mutant (b): the loss check dropped from the step, `is_finite(loss)`):
+    a micro-batch with a NaN loss and a finite gradient was accumulated,
+    0 skipped and a NaN logged loss."""
+    x, y = helpers.regression_data(256)
+    y = np.abs(y) + 1.0
+    y[100, 0] = -1.0  # In batch 3 at batch size 32: its loss is NaN.
+    model = AccumulatingModel(*helpers.dense_graph(), accumulate="epoch",
+                              on_nonfinite="skip")
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=_loss_not_finite_below_zero)
+    history = model.fit(x, y, batch_size=32, epochs=1, shuffle=False,
+                        verbose=0)
+    assert model.skipped_micro_batches == 1
+    assert np.isfinite(history.history["loss"]).all()
+    reference = keras.Model(*helpers.dense_graph())
+    reference.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=_loss_not_finite_below_zero)
+    keep = np.r_[0:96, 128:256]
+    reference.train_on_batch(x[keep], y[keep])
+    assert helpers.relative_error(
+        model.get_weights(), reference.get_weights()
+    ) <= RTOL

@@ -6,6 +6,7 @@ import pytest
 
 import keras_accum
 from keras_accum import AccumulatingModel
+from keras_accum.accumulating_model import ACCUMULATION_ARGUMENTS
 from tests import helpers
 from tests.helpers import RTOL
 
@@ -101,3 +102,89 @@ def test_export_serves_predictions(tmp_path):
     )
     names = [v.name for v in served.variables]
     assert not any("accumulator" in name for name in names)
+
+
+_NON_DEFAULT_ARGUMENTS = {
+    "accumulate": 4,
+    "reduction": "sum",
+    "loss_normalisation": "per_loss",
+    "on_nonfinite": "skip",
+}
+
+
+# No leading `_`: the default model name would be an invalid scope name.
+class SubclassedNet(AccumulatingModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def _functional(**arguments):
+    return AccumulatingModel(*helpers.dense_graph(), **arguments)
+
+
+def _wrapped_sequential(**arguments):
+    sequential = keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(8, activation="tanh"),
+        keras.layers.Dense(1),
+    ])
+    return keras_accum.wrap(sequential, **arguments)
+
+
+def _subclassed(**arguments):
+    model = SubclassedNet(**arguments)
+    model(np.zeros((1, 5)))
+    return model
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize(
+    "make", [_functional, _wrapped_sequential, _subclassed],
+    ids=["functional", "wrapped-sequential", "subclassed"],
+)
+def test_clone_model_keeps_the_accumulation_arguments(make):
+    """Catches `keras.models.clone_model` building the clone with the
+    default arguments (issue 25, case 5: Keras constructs a functional
+    clone from inputs, outputs and name only, so it trained with
+    `accumulate="epoch"`, `reduction="mean"`, `on_nonfinite="raise"`)."""
+    model = make(**_NON_DEFAULT_ARGUMENTS)
+    clone = keras.models.clone_model(model)
+    assert type(clone) is type(model)
+    for name in ACCUMULATION_ARGUMENTS:
+        assert getattr(clone, name) == getattr(model, name), name
+    if not clone.built:
+        clone(np.zeros((1, 5)))
+    clone.set_weights(model.get_weights())
+    x, y = helpers.regression_data(64)
+    for m in (model, clone):
+        m.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert int(clone.optimizer.iterations.numpy()) == 2
+    assert helpers.relative_error(
+        clone.get_weights(), model.get_weights()
+    ) <= RTOL
+
+
+def test_clone_model_keeps_an_accumulate_schedule():
+    """Catches a functional clone losing an `accumulate` schedule (issue
+    25, case 5)."""
+    model = _functional(accumulate={0: 2, 3: "epoch"})
+    clone = keras.models.clone_model(model)
+    assert clone.accumulate == {0: 2, 3: "epoch"}
+
+
+def test_every_constructor_argument_is_saved_and_cloned():
+    """Catches a new `AccumulatingModel` argument missing from
+    `_accumulation_arguments`, the one list `get_config` and `clone_model`
+    read (issue 25, case 5: the clone would silently take its default)."""
+    model = _functional(**_NON_DEFAULT_ARGUMENTS)
+    assert set(model._accumulation_arguments()) == set(
+        ACCUMULATION_ARGUMENTS)
+    assert set(ACCUMULATION_ARGUMENTS) <= set(model.get_config())
+    for name in ACCUMULATION_ARGUMENTS:
+        assert hasattr(type(model), name), name

@@ -29,6 +29,7 @@ from keras_accum import objectives
 from keras_accum import validation
 from keras_accum import window_loss
 from keras_accum.accumulators import GradientAccumulator
+from keras_accum.backend.jax import attribution
 from keras_accum.loss_normalisers import record_loss_normalisers
 from keras_accum.window_plan import WindowPlan
 
@@ -124,6 +125,10 @@ class JAXAccumulationTrainer:
 
     def _build_accumulators_eagerly(self):
         self._sync_accumulation_state()
+
+    def _replicas(self):
+        # One global program: Keras normalises the global batch already.
+        return 1
 
     def _inside_traced_step(self):
         return self._functions.tracing
@@ -271,7 +276,7 @@ class JAXAccumulationTrainer:
 
     @custom_steps.own_step
     def train_step(self, state, data):
-        if self._schedule.value == 1:
+        if self._trains_as_keras():
             return super().train_step(state, data)
         custom_steps.count_accumulation(self)
         trainable, non_trainable, optimizer_state, metrics = state
@@ -289,12 +294,8 @@ class JAXAccumulationTrainer:
         first_in_window = window.mini_step == 0
         static = {}
 
-        summed_activity = self._sums_activity_penalty()
-
         def weighted_objectives(trainable):
-            with _keras_internals.record_activity_regularisation(
-                self if summed_activity else None
-            ) as penalties, record_loss_normalisers() as terms:
+            with record_loss_normalisers(self) as recorded:
                 _, (loss, y_pred, new_non_trainable, new_metrics) = (
                     self.compute_loss_and_updates(
                         trainable,
@@ -307,18 +308,21 @@ class JAXAccumulationTrainer:
                         optimizer_variables=optimizer_values,
                     )
                 )
+
+            def probe(terms, losses, check):
+                return attribution.probe(
+                    self, (trainable, non_trainable, metrics),
+                    (x, y, sample_weight), y_pred, terms, losses, check,
+                )
+
             # Weight regularisation inside the contribution reads the
             # weights: give it this step's values.
             with keras.StatelessScope(
                 state_mapping=list(zip(self.trainable_variables, trainable))
             ):
                 contribution = self._micro_batch_contribution(
-                    terms, loss, batch_size, first_in_window
+                    recorded, loss, batch_size, first_in_window, probe
                 )
-                if summed_activity:
-                    contribution = objectives.with_summed_activity(
-                        self, contribution, penalties
-                    )
             static["divides"] = contribution.divides
             weighted = ops.stack(
                 [

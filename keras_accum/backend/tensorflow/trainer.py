@@ -9,6 +9,7 @@ from keras_accum import custom_steps
 from keras_accum import objectives
 from keras_accum import validation
 from keras_accum import window_loss
+from keras_accum.backend.tensorflow import attribution
 from keras_accum.backend.tensorflow import distribute
 from keras_accum.backend.tensorflow import loss_scale
 from keras_accum.backend.tensorflow.accumulators import (
@@ -110,9 +111,12 @@ class TensorFlowAccumulationTrainer:
             iterator=iterator, data_batch=data_batch
         )
 
+    def _replicas(self):
+        return self.distribute_strategy.num_replicas_in_sync
+
     @custom_steps.own_step
     def train_step(self, data):
-        if self._schedule.value == 1:
+        if self._trains_as_keras():
             return super().train_step(data)
         custom_steps.count_accumulation(self)
         if self._functions.xla_micro_step is not None:
@@ -134,35 +138,46 @@ class TensorFlowAccumulationTrainer:
         # not built yet) may turn out to be several.
         per_loss = self._loss_terms() != 1
 
-        summed_activity = self._sums_activity_penalty()
         with tf.GradientTape(persistent=per_loss) as tape:
-            with _keras_internals.record_activity_regularisation(
-                self if summed_activity else None
-            ) as penalties:
+            with record_loss_normalisers(self) as recorded:
                 if self._call_has_training_arg:
                     y_pred = self(x, training=True)
                 else:
                     y_pred = self(x)
-            with record_loss_normalisers() as terms:
-                loss = _keras_internals.compute_loss(
-                    self,
-                    x=x,
-                    y=y,
-                    y_pred=y_pred,
-                    sample_weight=sample_weight,
-                    training=True,
-                )
+                # `compute_loss` sees these very tensors as `model.losses`,
+                # so that their factors in the loss can be read.
+                entries = list(self.losses)
+                with tf.GradientTape() as loss_tape:
+                    # The parts whose factors are read: each term as it is
+                    # reduced, whatever it was computed from (a sigmoid's
+                    # logits, say), and the `model.losses` entries.
+                    loss_tape.watch(entries)
+                    recorded.watch = loss_tape.watch
+                    with _keras_internals.losses_override(self, entries):
+                        loss = _keras_internals.compute_loss(
+                            self,
+                            x=x,
+                            y=y,
+                            y_pred=y_pred,
+                            sample_weight=sample_weight,
+                            training=True,
+                        )
+            self._note_loss_terms(recorded)
             # After the forward pass and the loss, which build a subclassed
             # model's layers and the compiled loss on the first trace.
             self._sync_accumulation_state()
             first_in_window = self._accumulator.mini_step.value == 0
+
+            def probe(terms, losses, check):
+                with tape.stop_recording():
+                    return attribution.probe(
+                        self, loss_tape, loss, recorded, entries,
+                        (x, y, sample_weight), y_pred, check,
+                    )
+
             contribution = self._micro_batch_contribution(
-                terms, loss, batch_size, first_in_window
+                recorded, loss, batch_size, first_in_window, probe
             )
-            if summed_activity:
-                contribution = objectives.with_summed_activity(
-                    self, contribution, penalties
-                )
             logged_loss = _keras_internals.unscale_loss_for_distribution(loss)
             skip = self._on_nonfinite == "skip"
             if not skip:
@@ -441,6 +456,12 @@ class TensorFlowAccumulationTrainer:
         got no gradient in the step is passed with `None`, as plain Keras
         passes it, so the optimizer leaves it alone (no weight decay, no
         momentum).
+
+        An optimizer that clips (`clipnorm`, `global_clipnorm`, `clipvalue`)
+        would clip each replica's share before its all-reduce; under several
+        replicas the window's gradient is all-reduced and clipped here
+        instead (see `_apply_clipped_window`), as one device clips the big
+        batch's.
         """
         accumulator = self._accumulator
         gradients = None
@@ -459,7 +480,17 @@ class TensorFlowAccumulationTrainer:
         exists = plan.gradient_exists or (True,) * len(gradients)
         gradients = [g if e else None for g, e in zip(gradients, exists)]
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        optimizer.apply(gradients, accumulator.variables)
+        context = tf.distribute.get_replica_context()
+        if (
+            _clips(optimizer)
+            and context is not None
+            and context.num_replicas_in_sync > 1
+        ):
+            _apply_clipped_window(
+                optimizer, context, gradients, accumulator.variables
+            )
+        else:
+            optimizer.apply(gradients, accumulator.variables)
         accumulator.reset()
 
     def _accumulate_from_custom_step(self, gradients, normaliser):
@@ -516,6 +547,68 @@ class TensorFlowAccumulationTrainer:
         """Zeroes the window's sums and count (eager call)."""
         with self.distribute_strategy.scope():
             self._accumulator.reset()
+
+
+# What `apply` reads before clipping: the clipping arguments, then the
+# factor it divides the gradients by first.
+_CLIPPING = ("clipnorm", "global_clipnorm", "clipvalue", "loss_scale_factor")
+
+
+def _clips(optimizer):
+    """Whether `optimizer.apply` clips (as `_clip_gradients` decides)."""
+    return any(
+        value is not None and value > 0
+        for value in (getattr(optimizer, name, None) for name in _CLIPPING[:3])
+    )
+
+
+def _set_clipping(optimizer, values):
+    for name, value in zip(_CLIPPING, values):
+        setattr(optimizer, name, value)
+
+
+def _apply_clipped_window(optimizer, context, gradients, variables):
+    """Applies the window's gradient clipped as a whole (replica context).
+
+    Keras' `apply` clips before its `SUM` all-reduce, i.e. each replica's
+    share. Here the shares are all-reduced first and the window's gradient
+    is clipped by the optimizer's own `_clip_gradients` (after dividing by
+    its `loss_scale_factor`, as `apply` does), on every replica alike. The
+    optimizer then gets the clipped gradient on the first replica and zeros
+    on the others, with its clipping and `loss_scale_factor` turned off for
+    the call, so its all-reduce gives back the clipped gradient exactly for
+    any replica count. One more all-reduce per update, only when clipping.
+
+    `MirroredStrategy` runs the replicas' functions in turns, switching at
+    each all-reduce, on one shared optimizer: the arguments are read before
+    the first all-reduce and set again before each read. The step is traced
+    once, so this happens at trace time only.
+    """
+    arguments = [getattr(optimizer, name) for name in _CLIPPING]
+    reduced = iter(
+        context.all_reduce(
+            tf.distribute.ReduceOp.SUM, [g for g in gradients if g is not None]
+        )
+    )
+    totals = [None if g is None else next(reduced) for g in gradients]
+    try:
+        _set_clipping(optimizer, arguments)
+        scale = optimizer.loss_scale_factor
+        if scale is not None:
+            totals = [g if g is None else g / scale for g in totals]
+        clipped = iter(
+            optimizer._clip_gradients([g for g in totals if g is not None])
+        )
+        first = tf.equal(context.replica_id_in_sync_group, 0)
+        shares = [
+            None if g is None
+            else tf.where(first, next(clipped), tf.zeros_like(g))
+            for g in totals
+        ]
+        _set_clipping(optimizer, [None] * len(_CLIPPING))
+        optimizer.apply(shares, variables)
+    finally:
+        _set_clipping(optimizer, arguments)
 
 
 def _scale_gradient(gradient, factor, multiply):
