@@ -8,6 +8,7 @@ import keras
 from keras_accum import _keras_internals
 from keras_accum import custom_steps
 from keras_accum import loss_attribution
+from keras_accum import loss_normalisers
 from keras_accum import objectives
 from keras_accum import validation
 from keras_accum import window_loss
@@ -15,7 +16,6 @@ from keras_accum._keras_internals import Functional
 from keras_accum._keras_internals import functional_init_arguments
 from keras_accum.backend import AccumulationTrainer
 from keras_accum.flush_callback import ApplyAccumulatedGradients
-from keras_accum.loss_normalisers import record_loss_normalisers
 from keras_accum.window_plan import WindowPlan
 from keras_accum.window_schedule import WindowSchedule
 from keras_accum.window_schedule import accumulate_from_config
@@ -378,6 +378,13 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             _keras_internals.activity_regularised_layers(self)
         )
 
+    def _aggregate_additional_loss(self, loss):
+        # Keras' `compute_loss` adds each `model.losses` entry through this
+        # (scaled by 1 / replicas on TensorFlow); a custom one may add them
+        # as they are. `loss_attribution` tells the two apart.
+        loss_normalisers.note_aggregated(loss)
+        return super()._aggregate_additional_loss(loss)
+
     def _note_loss_terms(self, recorded):
         """Keeps the number of Keras loss terms a traced step computes."""
         self._functions.terms = len(recorded.known_terms)
@@ -408,7 +415,7 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             return
 
         def loss_terms(x, y, sample_weight):
-            with record_loss_normalisers(self) as recorded:
+            with loss_normalisers.record_loss_normalisers(self) as recorded:
                 y_pred = self(x, training=True)
                 loss = _keras_internals.compute_loss(
                     self, x=x, y=y, y_pred=y_pred,

@@ -34,6 +34,12 @@ class Probe:
     Attributes:
         terms: Each known Keras loss term's factor in the loss (scalars).
         losses: Each `model.losses` entry's factor, in its order.
+        loss_scales: For each entry, 1 where Keras scaled it for
+            distribution (`_aggregate_additional_loss`), else that scale:
+            a custom `compute_loss` that adds an entry as it is counts it
+            once per replica, where one device counts it once. `None`: all
+            1.
+        penalty_scale: The same correction for the activity penalties.
         attributed: Whether the loss depends on predictions and weights only
             through the probed parts (`None`: not checked).
         constant: Whether every factor is constant (`None`: not checked).
@@ -43,6 +49,8 @@ class Probe:
     losses: list
     attributed: bool
     constant: bool
+    loss_scales: list = None
+    penalty_scale: object = 1.0
 
 
 def is_keras_combination(model, recorded):
@@ -101,10 +109,13 @@ def attribute(model, recorded, probe):
     checked = not is_keras_combination(model, recorded)
     found = probe(len(recorded.known_terms), losses, checked)
     regularisation = len(_keras_internals.regularization_losses(model))
+    scales = found.loss_scales or [1.0] * len(found.losses)
+    first = len(found.losses) - regularisation
     coefficients = Coefficients(
         list(found.terms),
-        list(found.losses[len(found.losses) - regularisation:])
-        if regularisation else [],
+        list(found.losses[first:]),
+        list(scales[first:]),
+        found.penalty_scale,
     )
     if not checked:
         return coefficients

@@ -104,6 +104,9 @@ class StepLosses:
     # Called with each term's value: a tape that must differentiate the
     # loss with respect to the terms watches them (TensorFlow).
     watch: object = None
+    # `id`s of the `model.losses` entries that went through Keras'
+    # `_aggregate_additional_loss` (scaled for distribution on TensorFlow).
+    aggregated: set = dataclasses.field(default_factory=set)
 
     def __iter__(self):
         return iter(self.terms)
@@ -221,6 +224,14 @@ def _recording_add_loss(layer, loss):
         else:
             recorder.added.append((layer.name, loss))
     return _original_add_loss(layer, loss)
+
+
+def note_aggregated(loss):
+    """Notes that `loss`, a `model.losses` entry, is being added to the
+    step's loss by Keras' `_aggregate_additional_loss`."""
+    recorder = getattr(_state, "recorder", None)
+    if recorder is not None:
+        recorder.aggregated.add(id(loss))
 
 
 def expect_activity_penalty(layer, output):

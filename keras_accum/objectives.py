@@ -73,10 +73,16 @@ class Coefficients:
         regularisation: One scalar per weight-regularisation loss of
             `regularization_losses(model)`: its factor in the loss (Keras'
             `compute_loss` adds each scaled for distribution).
+        regularisation_scales: One scalar per weight-regularisation loss:
+            1, or Keras' scaling for distribution where the loss holds it
+            unscaled (see `loss_attribution.Probe`).
+        penalty_scale: The same for the activity penalties.
     """
 
     terms: list
     regularisation: list
+    regularisation_scales: list
+    penalty_scale: object = 1.0
 
 
 @dataclasses.dataclass
@@ -198,13 +204,17 @@ def micro_batch_contribution(model, recorded, loss, batch_size,
         ops.stop_gradient(ops.cast(c, dtype)) * ops.cast(t.value, dtype)
         for c, t in zip(coefficients.terms, terms)
     ]
-    regularisation = _weight_regularisation(model, coefficients, dtype)
+    in_loss, regularisation = _weight_regularisation(
+        model, coefficients, dtype
+    )
     # What is neither a Keras loss term nor weight regularisation: the
     # activity penalties (anything else was refused).
-    penalties = loss - sum(weighted, ops.zeros((), dtype)) - regularisation
+    penalties = loss - sum(weighted, ops.zeros((), dtype)) - in_loss
     if sets == 1:
-        parts = [_shared_part(terms, loss - penalties, first_in_window,
-                              regularisation)]
+        parts = [_shared_part(
+            terms, sum(weighted, ops.zeros((), dtype)) + regularisation,
+            first_in_window, regularisation,
+        )]
     else:
         parts = [
             _term_part(term, value) for term, value in zip(terms, weighted)
@@ -213,7 +223,10 @@ def micro_batch_contribution(model, recorded, loss, batch_size,
             parts[0], regularisation, first_in_window
         )
     if activity_set:
-        parts.append(_activity_part(recorded.penalties, penalties, dtype))
+        parts.append(_activity_part(
+            recorded.penalties,
+            penalties * ops.cast(coefficients.penalty_scale, dtype), dtype,
+        ))
     objectives, scales, normalisers, divides = (list(p) for p in zip(*parts))
     normalisers = ops.stack([ops.cast(n, dtype) for n in normalisers])
     logging_weight = normalisers[0] if divides[0] else examples
@@ -240,14 +253,20 @@ def micro_batch_contribution(model, recorded, loss, batch_size,
 
 
 def _weight_regularisation(model, coefficients, dtype):
-    """The weight-regularisation part of the loss, as the loss holds it."""
-    losses = _keras_internals.regularization_losses(model)
-    total = ops.zeros((), dtype)
-    for value, factor in zip(losses, coefficients.regularisation):
-        total += ops.stop_gradient(ops.cast(factor, dtype)) * ops.cast(
+    """The weight-regularisation part of the loss: as the loss holds it,
+    and as its objective (scaled for distribution as Keras scales it)."""
+    in_loss = objective = ops.zeros((), dtype)
+    for value, factor, scale in zip(
+        _keras_internals.regularization_losses(model),
+        coefficients.regularisation,
+        coefficients.regularisation_scales,
+    ):
+        part = ops.stop_gradient(ops.cast(factor, dtype)) * ops.cast(
             ops.sum(value), dtype
         )
-    return total
+        in_loss += part
+        objective += part * ops.cast(scale, dtype)
+    return in_loss, objective
 
 
 def _term_part(term, value):

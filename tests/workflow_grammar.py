@@ -39,6 +39,10 @@ VOCABULARY = 10
 VALIDATION = 12  # Even: divides over two devices.
 EPOCHS = 2  # Per `fit` call.
 REDUCTIONS = ("sum_over_batch_size", "sum", "mean_with_sample_weight")
+# How a custom `compute_loss` combines its Keras losses: exact (a sum, a
+# weighted sum) or refused (a hand-written mean beside them, the square
+# root of the sum: no normaliser Keras reports, not linear).
+COMBINATIONS = ("sum", "sum", "weighted", "hand_written_mean", "sqrt")
 
 # The simplest workflow; `draw` changes some of these, `shrink` resets them.
 BASE = {
@@ -51,6 +55,7 @@ BASE = {
     "loss_weights": None,
     "loss": "compiled",
     "custom_reductions": None,
+    "custom_combination": "sum",
     "sample_weight": False,
     "class_weight": False,
     "kernel_regularizer": False,
@@ -111,6 +116,8 @@ def draw(seed):
     f["fits"] = 2 if maybe(0.3) else 1
     f["freeze"] = f["fits"] == 2 and maybe(0.5)
     f["devices"] = 2 if maybe(0.3) else 1
+    # Drawn last, so that the draws above stay those of earlier versions.
+    f["custom_combination"] = rng.choice(COMBINATIONS)
     return resolve(f)
 
 
@@ -122,6 +129,7 @@ def resolve(f):
         f["reductions"] = f["reductions"][:1]
     if f["loss"] == "compiled":
         f["custom_reductions"] = None
+        f["custom_combination"] = "sum"
     else:
         f["outputs"] = 1
         f["reductions"] = f["reductions"][:1]
@@ -284,6 +292,7 @@ def _custom_loss_class(base, f):
     """`base` with a `compute_loss` that calls several Keras losses."""
     first, second = f["custom_reductions"]
     plus_super = f["loss"] == "custom_plus_super"
+    combination = f["custom_combination"]
     binary = f["task"] == "binary"
 
     class CustomLoss(base):
@@ -295,13 +304,22 @@ def _custom_loss_class(base, f):
                 main = keras.losses.MeanSquaredError(reduction=first)
             extra = keras.losses.MeanAbsoluteError(reduction=second)
             if plus_super:
-                loss = super().compute_loss(
+                first_loss = super().compute_loss(
                     x, y, y_pred, sample_weight, training=training
                 )
-                return loss + extra(y, y_pred)
-            loss = main(y, y_pred, sample_weight) + extra(y, y_pred)
-            for penalty in self.losses:  # As Keras' own `compute_loss`.
-                loss = loss + penalty
+            else:
+                first_loss = main(y, y_pred, sample_weight)
+            if combination == "weighted":
+                loss = 0.5 * first_loss + 2.0 * extra(y, y_pred)
+            else:
+                loss = first_loss + extra(y, y_pred)
+            if combination == "hand_written_mean":
+                loss = loss + 0.1 * ops.mean(ops.abs(y - y_pred))
+            if combination == "sqrt":
+                loss = ops.sqrt(loss)
+            if not plus_super:
+                for penalty in self.losses:  # As Keras' own `compute_loss`.
+                    loss = loss + penalty
             return loss
 
     return CustomLoss

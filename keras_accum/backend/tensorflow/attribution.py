@@ -36,12 +36,22 @@ def probe(model, loss_tape, loss, recorded, entries, data, y_pred, check):
         loss, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
     term_factors, loss_factors = factors[:len(terms)], factors[len(terms):]
-    if not check:
-        return Probe(term_factors, loss_factors, None, None)
-    attributed, constant = _check(
-        model, data, y_pred, len(terms), len(entries)
+    # Keras scales each entry for distribution when its `compute_loss`
+    # adds it; one added as it is counts once per replica.
+    applied = _keras_internals.scale_loss_for_distribution(
+        tf.ones((), loss.dtype)
     )
-    return Probe(term_factors, loss_factors, attributed, constant)
+    scaled = [id(entry) in recorded.aggregated for entry in entries]
+    loss_scales = [1.0 if s else applied for s in scaled]
+    penalties = len(recorded.penalties) + len(recorded.added)
+    penalty_scale = 1.0 if all(scaled[:penalties]) else applied
+    attributed = constant = None
+    if check:
+        attributed, constant = _check(
+            model, data, y_pred, len(terms), len(entries)
+        )
+    return Probe(term_factors, loss_factors, attributed, constant,
+                 loss_scales, penalty_scale)
 
 
 def _check(model, data, y_pred, terms, losses):
