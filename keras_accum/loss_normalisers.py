@@ -250,32 +250,33 @@ def expect_activity_penalty(layer, output):
     recorder.pending_penalty = (layer, examples)
 
 
-def _install_add_loss():
-    global _original_add_loss
-    current = keras.layers.Layer.add_loss
+def _hooked(current, hook):
+    """`(original, installed)`: the function `hook` wraps, and whether
+    `current` is a hook installed already (a module reloaded in the same
+    process keeps the first one)."""
     if getattr(current, "_keras_accum_hook", False):
-        _original_add_loss = current._keras_accum_original
-        return
-    _original_add_loss = current
-    _recording_add_loss._keras_accum_hook = True
-    _recording_add_loss._keras_accum_original = current
-    _recording_add_loss.__doc__ = current.__doc__
-    keras.layers.Layer.add_loss = _recording_add_loss
+        return current._keras_accum_original, True
+    hook._keras_accum_hook = True
+    hook._keras_accum_original = current
+    hook.__doc__ = current.__doc__
+    return current, False
 
 
 def _install():
-    global _original_reduce_weighted_values
-    _install_add_loss()
-    current = _keras_internals.reduce_weighted_values()
-    if getattr(current, "_keras_accum_hook", False):
-        _original_reduce_weighted_values = current._keras_accum_original
-        return
-    _original_reduce_weighted_values = current
-    _recording_reduce_weighted_values._keras_accum_hook = True
-    _recording_reduce_weighted_values._keras_accum_original = current
-    _keras_internals.set_reduce_weighted_values(
-        _recording_reduce_weighted_values
+    global _original_add_loss, _original_reduce_weighted_values
+    _original_add_loss, installed = _hooked(
+        keras.layers.Layer.add_loss, _recording_add_loss
     )
+    if not installed:
+        keras.layers.Layer.add_loss = _recording_add_loss
+    _original_reduce_weighted_values, installed = _hooked(
+        _keras_internals.reduce_weighted_values(),
+        _recording_reduce_weighted_values,
+    )
+    if not installed:
+        _keras_internals.set_reduce_weighted_values(
+            _recording_reduce_weighted_values
+        )
 
 
 _original_reduce_weighted_values = None

@@ -54,15 +54,18 @@ def _infinite_dataset():
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
 
 
+class Net(AccumulatingModel):
+    """A subclassed model with one `Dense` layer, unbuilt."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
 def _unbuilt_subclassed_model():
-    class Net(AccumulatingModel):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.dense = keras.layers.Dense(1)
-
-        def call(self, inputs):
-            return self.dense(inputs)
-
     model = Net(accumulate=2)
     model.compile(optimizer="sgd", loss="mse")
     return model
@@ -397,14 +400,6 @@ class TestUnknownKeywordArguments:
         """Catches the subclassed form answering a misspelt keyword
         differently from the functional form (issue 25, case 4; Keras
         raises a `ValueError` without a suggestion there)."""
-
-        class Net(AccumulatingModel):
-            def __init__(self, **kwargs):
-                super().__init__(**kwargs)
-                self.dense = keras.layers.Dense(1)
-
-            def call(self, inputs):
-                return self.dense(inputs)
 
         with pytest.raises(
             TypeError,
