@@ -21,6 +21,8 @@ Verdict per workflow:
   after "Received" (STYLE.md, point 5);
 * skipped (and counted) when the reference itself fails or diverges
   (non-finite, or its loss grows 100-fold): round-off decides chaotic runs;
+  or when the accumulating run fails where plain Keras, compiled as it is
+  (the reference runs eagerly), fails too: a Keras bug, not a silent one;
 * anything else fails, printing the seed, the drawn features and what
   differs from the simplest workflow.
 
@@ -110,13 +112,15 @@ def is_clear_refusal(error):
     return any(frame.filename.startswith(_LIBRARY) for frame in frames[-3:])
 
 
-def _run(features, accumulating):
+def _run(features, accumulating, eager_reference=True):
     fresh_keras_state()
     previous = keras.backend.floatx()
     # Not the `float64` fixture: `shrink` reruns outside the test's setup.
     keras.backend.set_floatx("float64")
     try:
-        return grammar.run(features, Side(accumulating))
+        return grammar.run(
+            features, Side(accumulating, eager_reference=eager_reference)
+        )
     finally:
         keras.backend.set_floatx(previous)
 
@@ -182,6 +186,17 @@ def judge(features):
         text = f"{type(error).__name__}: {str(error)[:2000]}"
         if is_clear_refusal(error):
             return "refused", text
+        try:
+            # The reference runs eagerly; plain Keras compiled, as the
+            # accumulating run is, may fail the same way (on JAX, Keras
+            # 3.15 donates one buffer twice in a second `fit` with
+            # `use_ema=True`).
+            _run(features, accumulating=False, eager_reference=False)
+        except Exception as keras_error:  # noqa: BLE001
+            return "skipped", (
+                f"plain Keras compiled fails too: "
+                f"{type(keras_error).__name__}: {keras_error}"
+            )
         return "crash", text + "\n" + "".join(
             traceback.format_exception(error)[-6:]
         )

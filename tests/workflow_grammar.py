@@ -157,6 +157,18 @@ def resolve(f):
         f["clip"] = None
     if f["fits"] == 1:
         f["freeze"] = False
+    # The reference follows a window schedule with one `fit` per epoch, and
+    # Keras writes the EMA weights into the model at the end of each `fit`
+    # (`finalize_variable_values`): not one run's EMA. (Every draw of the
+    # first long run with both, 6 of 500, differed for that reason only.)
+    if isinstance(f["accumulate"], dict):
+        f["ema"] = False
+    # Plain Keras 3.15 on JAX fails a second `fit` with `use_ema=True`: it
+    # donates one buffer twice ("Attempt to donate the same buffer twice"),
+    # and under `DataParallel` the process dies (segmentation fault), so
+    # neither side can be judged (measured 2026-12-07).
+    if keras.backend.backend() == "jax" and f["fits"] == 2:
+        f["ema"] = False
     return f
 
 
