@@ -209,11 +209,11 @@ def micro_batch_contribution(model, recorded, loss, batch_size,
     )
     # What is neither a Keras loss term nor weight regularisation: the
     # activity penalties (anything else was refused).
-    penalties = loss - sum(weighted, ops.zeros((), dtype)) - in_loss
+    terms_total = sum(weighted, ops.zeros((), dtype))
+    penalties = loss - terms_total - in_loss
     if sets == 1:
         parts = [_shared_part(
-            terms, sum(weighted, ops.zeros((), dtype)) + regularisation,
-            first_in_window, regularisation,
+            terms, terms_total, first_in_window, regularisation
         )]
     else:
         parts = [
@@ -290,22 +290,20 @@ def _with_regularisation(part, regularisation, first_in_window):
     return objective + regularisation, scale, normaliser, divides
 
 
-def _shared_part(terms, loss, first_in_window, regularisation):
-    """One set for all the Keras loss terms and weight regularisation,
-    normalised by the first term's normaliser: exact for one term, and for
-    several whose normalisers are proportional (`"shared"`)."""
-    dtype = loss.dtype
+def _shared_part(terms, terms_total, first_in_window, regularisation):
+    """One set for all the Keras loss terms (`terms_total`, their weighted
+    sum) and weight regularisation, normalised by the first averaged term's
+    normaliser: exact for one term, and for several whose normalisers are
+    proportional (`"shared"`). With only summed terms, or none, the set is
+    summed over the window."""
+    dtype = terms_total.dtype
     averaged = [t for t in terms if t.reduction != SUM]
     if averaged:
         normaliser = ops.cast(averaged[0].normaliser, dtype)
-        return loss, replica_scale(normaliser), normaliser, True
-    if terms:
-        summed = loss - regularisation
-    else:
-        # No Keras loss term: weight regularisation alone.
-        summed = ops.zeros((), dtype)
+        objective = terms_total + regularisation
+        return objective, replica_scale(normaliser), normaliser, True
     return _with_regularisation(
-        (summed, ops.ones((), dtype), ops.zeros((), dtype), False),
+        (terms_total, ops.ones((), dtype), ops.zeros((), dtype), False),
         regularisation, first_in_window,
     )
 

@@ -166,8 +166,8 @@ MUTANTS = (
     Mutant(
         "equal-weighting",
         "keras_accum/objectives.py",
-        "        return loss, replica_scale(normaliser), normaliser, True\n",
-        "        return loss, ops.ones((), dtype), ops.ones((), dtype), True\n",
+        "        return objective, replica_scale(normaliser), normaliser, True\n",
+        "        return objective, ops.ones((), dtype), ops.ones((), dtype), True\n",
         (
             f"{T_EXACT}::test_epoch_mode_with_ragged_last_batch",
             f"{T_NUMERICS}::test_mixed_precision_close_to_float32_big_batch",
