@@ -16,7 +16,6 @@ from keras import ops
 from keras_accum import AccumulatingModel
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
-from tests.helpers import RTOL
 
 pytestmark = [pytest.mark.jax, pytest.mark.usefixtures("float64")]
 

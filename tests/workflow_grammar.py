@@ -31,7 +31,6 @@ import keras_accum
 from keras_accum import AccumulatingModel
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests.workflows import FEATURES
-from tests.workflows import MICRO
 from tests.workflows import dense
 
 TIME = 4  # Time steps of the sequence inputs.
