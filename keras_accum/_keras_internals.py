@@ -78,6 +78,7 @@ try:
     from keras.src.losses import loss as _loss_module
     from keras.src.models import functional as _functional_module
     from keras.src.models import model as _model_module
+    from keras.src.utils import io_utils as _io_utils
     from keras.src.utils import tracking as _tracking
 except ImportError as error:  # pragma: no cover - only on a foreign Keras
     raise _missing(f"keras.src ({error.name})") from None
@@ -119,6 +120,14 @@ _scale_loss = _require(
 _unscale_loss = _require(
     _loss_module, "unscale_loss_for_distribution",
     "keras.src.losses.loss.unscale_loss_for_distribution (Keras >= 3.8)",
+)
+
+#: `print_msg(message)`: how Keras prints its own lines (`fit`'s progress):
+#: to stdout, or to absl logging under
+#: `keras.config.disable_interactive_logging()`. Checked on Keras 3.10.0 to
+#: 3.15.1.
+print_msg = _require(
+    _io_utils, "print_msg", "keras.src.utils.io_utils.print_msg"
 )
 
 

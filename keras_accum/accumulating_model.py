@@ -9,6 +9,7 @@ from keras_accum import _keras_internals
 from keras_accum import custom_steps
 from keras_accum import loss_attribution
 from keras_accum import loss_normalisers
+from keras_accum import micro_batches
 from keras_accum import objectives
 from keras_accum import validation
 from keras_accum import window_loss
@@ -78,6 +79,20 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             `FloatingPointError` from `fit` on a non-finite one (not
             applied); `"skip"` leaves non-finite micro-batches out of their
             window. Defaults to `"raise"`.
+        micro_batch_size: `None` runs each `fit` batch in one forward and
+            backward pass. An int splits each batch, inside the compiled
+            step, into micro-batches of that many examples per device
+            (replica), whose gradients are accumulated: the update of the
+            batch in the memory of a micro-batch, with one host call per
+            batch. `accumulate` still counts `fit` batches. A batch that
+            does not divide ends with a shorter micro-batch. Statistics of
+            `BatchNormalization` are per micro-batch, and each micro-batch
+            draws its own dropout masks. `"auto"` (JAX) picks the largest
+            size whose compiled step fits `memory_limit`, once per input
+            shape (see `chosen_micro_batch_size`). Defaults to `None`.
+        memory_limit: With `micro_batch_size="auto"`, the bytes one step
+            may use per device, as XLA accounts them (temporaries plus
+            arguments). Defaults to `None`.
         **kwargs: Passed to `keras.Model`.
 
     Raises:
@@ -85,7 +100,8 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             a keyword argument that neither `AccumulatingModel` nor
             `keras.Model` takes (functional Keras models ignore those).
         ValueError: if `accumulate` is an int < 1 or another string, if
-            `reduction` is not `"mean"` or `"sum"`, or if Keras runs on a
+            `reduction` is not `"mean"` or `"sum"`, for a bad
+            `micro_batch_size` or `memory_limit`, or if Keras runs on a
             backend other than TensorFlow or JAX.
 
     Example:
@@ -125,9 +141,12 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         reduction="mean",
         loss_normalisation="auto",
         on_nonfinite="raise",
+        micro_batch_size=None,
+        memory_limit=None,
         **kwargs,
     ):
         validation.require_supported_backend("AccumulatingModel")
+        micro_batches.validate(micro_batch_size, memory_limit)
         schedule = WindowSchedule(accumulate)
         validation.validate_reduction(reduction)
         validation.validate_choice(
@@ -161,6 +180,10 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         self._reduction = reduction
         self._loss_normalisation = loss_normalisation
         self._on_nonfinite = on_nonfinite
+        self._micro_batch_size = micro_batch_size
+        self._memory_limit = memory_limit
+        # Under `"auto"`, the size chosen for the latest input shape.
+        self._chosen_micro_batch_size = None
         self._accumulator = self.accumulator_class()
         # The window of the current epoch (`None`: epoch 0's, resolved when
         # needed), kept in Python so that accumulators built later (on a
@@ -204,6 +227,27 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
     def on_nonfinite(self):
         """`"raise"` or `"skip"`: what a non-finite micro-batch gradient does."""
         return self._on_nonfinite
+
+    @property
+    def micro_batch_size(self):
+        """Examples per micro-batch and device inside a step: an int,
+        `"auto"`, or `None` (each `fit` batch in one pass)."""
+        return self._micro_batch_size
+
+    @property
+    def memory_limit(self):
+        """Bytes a step may use per device under
+        `micro_batch_size="auto"` (else `None`)."""
+        return self._memory_limit
+
+    @property
+    def chosen_micro_batch_size(self):
+        """The micro-batch size the step uses: `micro_batch_size` itself,
+        or under `"auto"` the size chosen for the latest input shape
+        (`None` before the first step)."""
+        if self._micro_batch_size == micro_batches.AUTO:
+            return self._chosen_micro_batch_size
+        return self._micro_batch_size
 
     @property
     def mini_step(self):
@@ -255,6 +299,8 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
             "reduction": self._reduction,
             "loss_normalisation": self._loss_normalisation,
             "on_nonfinite": self._on_nonfinite,
+            "micro_batch_size": self._micro_batch_size,
+            "memory_limit": self._memory_limit,
         }
 
     def get_config(self):
@@ -336,7 +382,11 @@ class AccumulatingModel(AccumulationTrainer, keras.Model):
         normalises each replica's loss by its own shard (masks, sample
         weights), clips each replica's gradient and keeps float32(1 /
         replicas); a window of one batch is the single-device update."""
-        return self._schedule.value == 1 and self._replicas() == 1
+        return (
+            self._schedule.value == 1
+            and self._replicas() == 1
+            and self._micro_batch_size is None
+        )
 
     def _loss_terms(self):
         """Number of accumulator sets, `None` while unknown: the Keras loss
@@ -649,8 +699,9 @@ class _StepFunctions:
 
     Attributes:
         apply: The compiled epoch-end apply (`apply_accumulated_gradients`).
-        xla_micro_step: Under `jit_compile` on one device, the XLA-compiled
-            micro-step (see `make_train_function`), else `None`.
+        xla_batch_step: Under `jit_compile` on one device, the XLA-compiled
+            accumulation of a batch (see `make_train_function`), else
+            `None`.
         xla_window_update: Likewise, the XLA-compiled window update.
         accumulations: Mini-batches accumulated by traced steps (a Python
             count, incremented at trace time; see `custom_steps`).
@@ -660,16 +711,22 @@ class _StepFunctions:
             be created then).
         purged: On JAX, `(variable, value)` pairs `fit` purged, kept until
             the state is synced back (see the JAX trainer).
+        micro_batch_override: On JAX, the micro-batch size a candidate
+            step of `micro_batch_size="auto"` is compiled with, else `None`.
+        micro_batch_choices: Under `"auto"`, the size chosen per input
+            shape.
     """
 
     def __init__(self):
         self.apply = None
-        self.xla_micro_step = None
+        self.xla_batch_step = None
         self.xla_window_update = None
         self.accumulations = 0
         self.tracing = False
         self.purged = []
         self.terms = None
+        self.micro_batch_override = None
+        self.micro_batch_choices = {}
 
 
 @keras.saving.register_keras_serializable(package="keras_accum")
@@ -745,7 +802,7 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
         reduction: `"mean"` or `"sum"`, as in `AccumulatingModel`. Defaults
             to `"mean"`.
         **kwargs: Other `AccumulatingModel` arguments: `loss_normalisation`,
-            `on_nonfinite`.
+            `on_nonfinite`, `micro_batch_size`, `memory_limit`.
 
     Returns:
         An `AccumulatingModel`.

@@ -60,7 +60,9 @@ def checked_train_step(train_step):
             if len(args) == 2 and self._functions.accumulations == before:
                 raise _refusal(self, "raised before accumulating") from error
             raise
-        if self._functions.accumulations == before and self.accumulate != 1:
+        if self._functions.accumulations == before and (
+            self.accumulate != 1 or self.micro_batch_size is not None
+        ):
             raise _refusal(self, "did neither")
         return result
 
@@ -73,12 +75,14 @@ def _refusal(model, received):
         f"`{type(model).__name__}.train_step` overrides "
         "`AccumulatingModel.train_step` and accumulated no gradient, "
         "so its updates would ignore "
-        f"accumulate={model.accumulate!r}. From a custom "
+        f"accumulate={model.accumulate!r} and "
+        f"micro_batch_size={model.micro_batch_size!r}. From a custom "
         "`train_step`, call `super().train_step(...)`, or on TensorFlow "
         "pass each mini-batch's gradients to "
         "`self.accumulate_gradients(gradients, normaliser)` instead "
         "of calling the optimizer (the window is then applied as "
         "usual). For a step that applies its own updates, subclass "
-        "`keras.Model` or pass accumulate=1. Received: a `train_step` "
+        "`keras.Model` or pass accumulate=1 and micro_batch_size=None. "
+        "Received: a `train_step` "
         f"that {received}"
     )

@@ -74,6 +74,7 @@ T_WORKFLOW = "tests/workflows_test.py::test_workflow"
 T_DROPIN = "tests/distributed_dropin_test.py"
 T_NORMALISATION = "tests/normalisation_test.py"
 T_RULE = "tests/loss_rule_test.py"
+T_MICRO = "tests/micro_batch_test.py"
 
 MUTANTS = (
     # Issue 16: distributed drop-in.
@@ -200,13 +201,11 @@ MUTANTS = (
     Mutant(
         "iterations-per-micro-step",
         "keras_accum/backend/tensorflow/trainer.py",
-        "        self._accumulator.add(term_gradients, "
-        "contribution.normalisers)\n"
-        "        self._accumulator.count_micro_batch()\n",
-        "        self._accumulator.add(term_gradients, "
-        "contribution.normalisers)\n"
         "        self._accumulator.count_micro_batch()\n"
-        "        self.optimizer.iterations.assign_add(1)\n",
+        "        return logs\n",
+        "        self._accumulator.count_micro_batch()\n"
+        "        self.optimizer.iterations.assign_add(1)\n"
+        "        return logs\n",
         (
             f"{T_NUMERICS}::"
             "test_sgd_learning_rate_schedule_is_keyed_on_updates",
@@ -500,8 +499,8 @@ MUTANTS = (
     Mutant(
         "window-of-one-batch-is-plain-keras-under-a-strategy",
         "keras_accum/accumulating_model.py",
-        "        return self._schedule.value == 1 and self._replicas() == 1\n",
-        "        return self._schedule.value == 1\n",
+        "            and self._replicas() == 1\n",
+        "",
         (
             f"{T_DROPIN}::TestWindowOfOneBatch::"
             "test_masked_loss_matches_the_single_device_batch",
@@ -581,6 +580,36 @@ MUTANTS = (
             "test_every_n_window_is_clipped_as_one_big_batch",
             "tests/distribution_test.py::TestClippingUnderStrategy::"
             "test_epoch_window_is_clipped_as_one_big_batch",
+        ),
+    ),
+    # issue 26: micro-batches inside the step
+    Mutant(
+        "micro-batch-regularisation-per-micro-batch",
+        "keras_accum/backend/tensorflow/trainer.py",
+        "            first_in_window = tf.logical_and(\n"
+        "                self._accumulator.mini_step.value == 0, first\n"
+        "            )\n",
+        "            first_in_window = self._accumulator.mini_step.value == 0\n",
+        (
+            f"{T_MICRO}::TestExactness::"
+            "test_sample_weights_and_weight_regularisation",
+        ),
+    ),
+    Mutant(
+        "micro-batch-remainder-dropped",
+        "keras_accum/backend/tensorflow/micro_batches.py",
+        "        self.remainder = rest - self.full * size\n",
+        "        self.remainder = 0 * rest\n",
+        (f"{T_MICRO}::TestExactness::test_masked_sequences",),
+    ),
+    Mutant(
+        "epoch-end-apply-rebuilt-per-model-code",
+        "keras_accum/backend/tensorflow/trainer.py",
+        "                functools.partial(apply_function), autograph=False\n",
+        "                apply_function, autograph=False\n",
+        (
+            "tests/accumulating_model_test.py::TestFitIntegration::"
+            "test_epoch_end_apply_is_traced_once_per_model",
         ),
     ),
 )

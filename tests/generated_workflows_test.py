@@ -69,9 +69,11 @@ BACKEND = keras.backend.backend()
 # Fixed: the first seven, a greedy cover of seeds 0-299, draw every form,
 # input, task, reduction, loss kind, optimizer feature, window kind, `fit`
 # argument and both device counts (`test_slice_covers_the_grammar`); then
-# four of the first seeds of the range, and three custom `compute_loss`
-# combinations (a sum and a weighted sum on two devices, a square root).
-SLICE_SEEDS = (30, 55, 293, 24, 131, 98, 18, 0, 3, 5, 112, 109, 144)
+# four of the first seeds of the range, three custom `compute_loss`
+# combinations (a sum and a weighted sum on two devices, a square root),
+# and two `micro_batch_size`s on two devices (masked, frozen between
+# fits; sample-weighted with `steps_per_execution`).
+SLICE_SEEDS = (30, 55, 293, 24, 131, 98, 18, 0, 3, 5, 112, 109, 144, 43, 49)
 
 # Seeds of the slice that fail against the current library, by backend:
 # strict, so a fix shows up as an XPASS to remove here. Empty since issue
@@ -279,6 +281,7 @@ def test_slice_covers_the_grammar():
         "reduction": set(grammar.REDUCTIONS),
         "devices": {"1", "2"},
         "fits": {"1", "2"},
+        "micro_batch_size": {"None", "2", "3"},
     }
     for key, values in expected.items():
         assert values <= seen[key], (key, values - seen[key])

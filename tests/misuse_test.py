@@ -17,6 +17,7 @@ import tensorflow as tf
 
 import keras_accum
 from keras_accum import AccumulatingModel
+from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
@@ -38,6 +39,39 @@ def _fit(model, *args, **kwargs):
     x, y = helpers.regression_data(64)
     kwargs.setdefault("verbose", 0)
     return model.fit(x, y, *args, batch_size=16, **kwargs)
+
+
+# On JAX, "auto" needs `memory_limit`; elsewhere it is refused, naming
+# what to set instead.
+_AUTO_REFUSAL = (
+    r"`micro_batch_size=\"auto\"` needs `memory_limit`.*"
+    r"Received: memory_limit=None"
+    if keras.backend.backend() == "jax"
+    else r"on tensorflow set `micro_batch_size` to an int instead"
+)
+
+
+def _auto_micro_batches():
+    return _model(micro_batch_size="auto")
+
+
+def _custom_step_model(**kwargs):
+    """A TensorFlow custom step that computes its own gradients."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("`accumulate_gradients` is for TensorFlow steps")
+
+    class OwnGradients(FunctionalAccumulatingModel):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x=x, y=y, y_pred=self(x))
+            gradients = tape.gradient(loss, self.trainable_variables)
+            self.accumulate_gradients(gradients, tf.shape(x)[0])
+            return {}
+
+    model = OwnGradients(*helpers.dense_graph(), **kwargs)
+    model.compile(optimizer="sgd", loss="mse")
+    return model
 
 
 def _frozen_model():
@@ -142,6 +176,29 @@ MISUSES = [
            lambda t, m: _model(on_nonfinite="ignore"), ValueError,
            r"`on_nonfinite` must be \"raise\" or \"skip\"\. "
            r"Received: on_nonfinite='ignore'"),
+    # `micro_batch_size` and `memory_limit`.
+    Misuse("micro_batch_size-zero", lambda t, m: _model(micro_batch_size=0),
+           ValueError, r"`micro_batch_size` must be None, an int >= 1 or "
+           r"\"auto\"\. Received: micro_batch_size=0"),
+    Misuse("micro_batch_size-float",
+           lambda t, m: _model(micro_batch_size=8.0), TypeError,
+           r"`micro_batch_size` must be None, an int >= 1 or \"auto\"\. "
+           r"Received: micro_batch_size=8\.0 of type float"),
+    Misuse("micro_batch_size-unknown-string",
+           lambda t, m: _model(micro_batch_size="max"), ValueError,
+           r"Received: micro_batch_size='max'"),
+    Misuse("memory_limit-without-auto",
+           lambda t, m: _model(micro_batch_size=8, memory_limit=2**30),
+           ValueError, r"`memory_limit` sizes the micro-batch with "
+           r"`micro_batch_size=\"auto\"` only\. Received: "
+           r"memory_limit=1073741824 with micro_batch_size=8"),
+    Misuse("auto-without-memory_limit", lambda t, m: _auto_micro_batches(),
+           ValueError, _AUTO_REFUSAL),
+    Misuse("accumulate_gradients-with-micro_batch_size",
+           lambda t, m: _fit(_custom_step_model(micro_batch_size=4)),
+           ValueError, r"`micro_batch_size` splits the batch inside "
+           r"`AccumulatingModel`'s own step.*"
+           r"Received: micro_batch_size=4"),
     # `wrap()`; validation_test.py covers object(), a string, a layer, a
     # subclassed model and an `AccumulatingModel` (message start only).
     Misuse("wrap-tf-module", lambda t, m: keras_accum.wrap(tf.Module()),

@@ -109,6 +109,7 @@ _NON_DEFAULT_ARGUMENTS = {
     "reduction": "sum",
     "loss_normalisation": "per_loss",
     "on_nonfinite": "skip",
+    "micro_batch_size": 3,
 }
 
 

@@ -72,6 +72,7 @@ BASE = {
     "fits": 1,
     "freeze": False,
     "devices": 1,
+    "micro_batch_size": None,
 }
 
 FORMS = ("functional", "wrap_functional", "wrap_sequential", "subclass",
@@ -117,6 +118,9 @@ def draw(seed):
     f["devices"] = 2 if maybe(0.3) else 1
     # Drawn last, so that the draws above stay those of earlier versions.
     f["custom_combination"] = rng.choice(COMBINATIONS)
+    # Each batch of `MICRO` (8; 4 per device on two) split in the step:
+    # 3 leaves a shorter last micro-batch.
+    f["micro_batch_size"] = rng.choice([None, None, 2, 3])
     return resolve(f)
 
 
@@ -354,6 +358,8 @@ def build(f, side):
     """The model of workflow `f` for `side` (uncompiled)."""
     acc = side.accumulating
     options = {"accumulate": f["accumulate"]} if acc else {}
+    if acc and f["micro_batch_size"] is not None:
+        options["micro_batch_size"] = f["micro_batch_size"]
     custom = f["loss"] != "compiled"
     form = f["form"]
     if form == "subclass":

@@ -25,11 +25,13 @@ from keras import ops
 
 from keras_accum import _keras_internals
 from keras_accum import custom_steps
+from keras_accum import micro_batches
 from keras_accum import objectives
 from keras_accum import validation
 from keras_accum import window_loss
 from keras_accum.accumulators import GradientAccumulator
 from keras_accum.backend.jax import attribution
+from keras_accum.backend.jax import micro_batches as jax_micro_batches
 from keras_accum.loss_normalisers import record_loss_normalisers
 from keras_accum.window_plan import WindowPlan
 
@@ -287,11 +289,142 @@ class JAXAccumulationTrainer:
             optimizer_state[optimizer_count:],
             len(self._accumulator.gradients),
         )
+        size = self._micro_batch_size_for(state, data)
+        window, non_trainable, metrics, logs = self._accumulate_batch(
+            (trainable, non_trainable, metrics, optimizer_values),
+            window, data, size,
+        )
+        if self._schedule.value != validation.EPOCH:
+            trainable, optimizer_values, window = self._apply_window_if(
+                self._window_is_full(window), trainable, optimizer_values,
+                window,
+            )
+        if not _keras_internals.JAX_STATE_SHARDING_IN_JIT:
+            # Keras < 3.12: its own step constrains the state it returns to
+            # the shardings `fit` recorded (`_enforce_jax_state_sharding`);
+            # so does this one, for Keras' part of the state (the window's
+            # values are left to `jit`), where they are recorded.
+            trainable, non_trainable, optimizer_values, metrics = (
+                _constrain(values, getattr(self, f"_{name}_shardings", None))
+                for values, name in (
+                    (trainable, "trainable_variable"),
+                    (non_trainable, "non_trainable_variable"),
+                    (optimizer_values, "optimizer_variable"),
+                    (metrics, "metrics_variable"),
+                )
+            )
+        return logs, (
+            trainable,
+            non_trainable,
+            list(optimizer_values) + window.values(),
+            metrics,
+        )
+
+    def _micro_batch_size_for(self, state, data):
+        """The micro-batch size of this step's batch: the argument, or
+        under `"auto"` the size chosen once per input shape."""
+        override = self._functions.micro_batch_override
+        if override is not None:
+            return override  # A candidate `"auto"` is compiling.
+        if self._micro_batch_size != micro_batches.AUTO:
+            return self._micro_batch_size
+        shapes = tuple(
+            (tuple(leaf.shape), str(leaf.dtype))
+            for leaf in jax.tree_util.tree_leaves(data)
+        )
+        chosen = self._functions.micro_batch_choices
+        if shapes not in chosen:
+            chosen[shapes] = jax_micro_batches.choose(
+                self, state, data, self._memory_limit
+            )
+        self._chosen_micro_batch_size = chosen[shapes]
+        return chosen[shapes]
+
+    def _accumulate_batch(self, state, window, data, micro_batch_size):
+        """Adds one `fit` batch to `window`, in micro-batches of
+        `micro_batch_size` examples per device (`None`: the whole batch).
+
+        The full micro-batches run under `jax.lax.scan` (one compiled body,
+        one micro-batch's activations live at a time), then the shorter
+        last one, if any, with its own static shape. Under
+        `keras.distribution` each device's shard of the batch is split,
+        so every micro-batch stays sharded over the devices as the batch
+        was.
+
+        Args:
+            state: `(trainable, non_trainable, metrics, optimizer_values)`.
+            window: The `Window` before the batch.
+            data: The batch.
+            micro_batch_size: Int, or `None` for the whole batch.
+
+        Returns:
+            `(window, non_trainable, metrics, logs)` after the batch; the
+            window counts the batch once.
+        """
+        trainable, non_trainable, metrics, optimizer_values = state
+        first = window.mini_step == 0
+        count = window.mini_step + 1
+
+        def micro_batch(carry, micro_data, first_in_window):
+            non_trainable, metrics, window = carry
+            return self._accumulate_micro_batch(
+                (trainable, non_trainable, metrics, optimizer_values),
+                window, micro_data, first_in_window,
+            )
+
+        carry = (non_trainable, metrics, window)
+        batch = jax_micro_batches.batch_size(data)
+        devices = jax_micro_batches.data_parallel_devices(batch)
+        if micro_batch_size is None or micro_batch_size >= batch // devices:
+            carry, logs = micro_batch(carry, data, first)
+        else:
+            split = micro_batches.Split.of(batch // devices, micro_batch_size)
+            if split.full:
+                carry, logs = self._scan_micro_batches(
+                    micro_batch, carry,
+                    jax_micro_batches.full_micro_batches(data, devices, split),
+                    first, split.full,
+                )
+            if split.remainder:
+                carry, logs = micro_batch(
+                    carry,
+                    jax_micro_batches.last_micro_batch(data, devices, split),
+                    jnp.logical_and(first, split.full == 0),
+                )
+        non_trainable, metrics, window = carry
+        return window._replace(mini_step=count), non_trainable, metrics, logs
+
+    def _scan_micro_batches(self, micro_batch, carry, stacked, first, count):
+        """`micro_batch` over the `count` stacked micro-batches, under
+        `jax.lax.scan`. Returns the carry and the last one's logs."""
+
+        def body(carry, step):
+            index, micro_data = step
+            return micro_batch(
+                carry, micro_data, jnp.logical_and(first, index == 0)
+            )
+
+        carry, all_logs = jax.lax.scan(
+            body, carry, (jnp.arange(count), stacked)
+        )
+        return carry, jax.tree_util.tree_map(lambda v: v[-1], all_logs)
+
+    def _accumulate_micro_batch(self, state, window, data, first_in_window):
+        """Forward, backward and accumulation of one micro-batch.
+
+        Args:
+            state: `(trainable, non_trainable, metrics, optimizer_values)`.
+            window: The `Window` before the micro-batch.
+            data: The micro-batch.
+            first_in_window: Scalar bool, whether it starts the window.
+
+        Returns:
+            `((non_trainable, metrics, window), logs)`; `window.mini_step`
+            is left to the caller, which counts `fit` batches.
+        """
+        trainable, non_trainable, metrics, optimizer_values = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        batch_size = next(
-            i for i in jax.tree_util.tree_leaves(x) if i is not None
-        ).shape[0]
-        first_in_window = window.mini_step == 0
+        batch_size = jax_micro_batches.batch_size(x)
         static = {}
 
         def weighted_objectives(trainable):
@@ -361,31 +494,7 @@ class JAXAccumulationTrainer:
             kept > 0 if self._on_nonfinite == "skip" else None,
             x, y, y_pred, sample_weight,
         )
-        if self._schedule.value != validation.EPOCH:
-            trainable, optimizer_values, window = self._apply_window_if(
-                self._window_is_full(window), trainable, optimizer_values,
-                window,
-            )
-        if not _keras_internals.JAX_STATE_SHARDING_IN_JIT:
-            # Keras < 3.12: its own step constrains the state it returns to
-            # the shardings `fit` recorded (`_enforce_jax_state_sharding`);
-            # so does this one, for Keras' part of the state (the window's
-            # values are left to `jit`), where they are recorded.
-            trainable, non_trainable, optimizer_values, metrics = (
-                _constrain(values, getattr(self, f"_{name}_shardings", None))
-                for values, name in (
-                    (trainable, "trainable_variable"),
-                    (non_trainable, "non_trainable_variable"),
-                    (optimizer_values, "optimizer_variable"),
-                    (metrics, "metrics_variable"),
-                )
-            )
-        return logs, (
-            trainable,
-            non_trainable,
-            list(optimizer_values) + window.values(),
-            metrics,
-        )
+        return (non_trainable, metrics, window), logs
 
     def _check_accumulators_in_trace(self):
         """The accumulators were built before `jit`, for these variables;
@@ -401,10 +510,9 @@ class JAXAccumulationTrainer:
         """Adds one micro-batch's weighted gradients to `window`.
 
         Returns:
-            The new `Window`, and 1.0 or 0.0: whether the micro-batch was
-            added (0.0 only for a non-finite one under
-            `on_nonfinite="skip"`, which still takes its place in the
-            window).
+            The new `Window` (its count left to the caller), and 1.0 or
+            0.0: whether the micro-batch was added (0.0 only for a
+            non-finite one under `on_nonfinite="skip"`).
         """
         normalisers = ops.cast(normalisers, window.normalisers.dtype)
         kept = jnp.ones((), loss.dtype)
@@ -435,7 +543,6 @@ class JAXAccumulationTrainer:
         window = window._replace(
             gradients=sums,
             normalisers=window.normalisers + normalisers,
-            mini_step=window.mini_step + 1,
             skipped=skipped,
         )
         return window, kept

@@ -1,6 +1,8 @@
 """The TensorFlow train step: accumulation with `tf.GradientTape`, windows
 applied inside the step with `tf.cond`, replicas through `tf.distribute`."""
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -12,6 +14,7 @@ from keras_accum import window_loss
 from keras_accum.backend.tensorflow import attribution
 from keras_accum.backend.tensorflow import distribute
 from keras_accum.backend.tensorflow import loss_scale
+from keras_accum.backend.tensorflow import micro_batches as tf_micro_batches
 from keras_accum.backend.tensorflow.accumulators import (
     TensorFlowGradientAccumulator,
 )
@@ -57,17 +60,18 @@ class TensorFlowAccumulationTrainer:
         if self._ready_to_accumulate():
             self._build_accumulators_eagerly()
         functions = self._functions
-        functions.xla_micro_step = functions.xla_window_update = None
+        functions.xla_batch_step = functions.xla_window_update = None
         if not self._compiles_step_and_window_apart():
             return super().make_train_function(force=force)
         # Compiled whole, the step's XLA cluster would hold the `tf.cond`
         # that applies the window, and an XLA conditional passes every
         # variable either branch writes through the cluster: each micro-step
         # would copy the weights, the optimizer slots and the accumulators.
-        # Instead the micro-step and the window update are two XLA functions,
+        # Instead the batch's accumulation and the window update are two
+        # XLA functions,
         # with the condition between them in the ordinary graph.
-        functions.xla_micro_step = tf.function(
-            self._micro_step, jit_compile=True, reduce_retracing=True
+        functions.xla_batch_step = tf.function(
+            self._accumulate_batch, jit_compile=True, reduce_retracing=True
         )
         functions.xla_window_update = tf.function(
             self._apply_local_sums, jit_compile=True
@@ -119,17 +123,101 @@ class TensorFlowAccumulationTrainer:
         if self._trains_as_keras():
             return super().train_step(data)
         custom_steps.count_accumulation(self)
-        if self._functions.xla_micro_step is not None:
-            logs = self._functions.xla_micro_step(data)
+        if self._functions.xla_batch_step is not None:
+            logs = self._functions.xla_batch_step(data)
         else:
-            logs = self._micro_step(data)
+            logs = self._accumulate_batch(data)
         if self._schedule.value != validation.EPOCH:
             self._apply_window_when(self._window_is_full, self._window_plan)
         return logs
 
-    def _micro_step(self, data):
-        """Forward, backward and accumulation of one mini-batch: the step
-        without the window's update. Returns the logs."""
+    def _accumulate_batch(self, data):
+        """Adds one `fit` batch to the window: the step without the
+        window's update. Returns the logs.
+
+        With `micro_batch_size`, this replica's batch is split: the first
+        micro-batch runs on its own (on the first trace it builds whatever
+        the model builds lazily, which a loop body may not), the full ones
+        after it under one `tf.while_loop` (one micro-batch's activations
+        live at a time), and the shorter last one, if any, under a
+        `tf.cond`. Their sizes are shape arithmetic, so under XLA they are
+        compile-time constants.
+        """
+        size = self._micro_batch_size
+        if size is None:
+            logs = self._micro_step(data)
+        else:
+            self._check_micro_batches_per_replica()
+            split = tf_micro_batches.Split(data, size)
+            logs = self._micro_step(split.first())
+            if split.has_more():
+
+                stack = split.full_micro_batches()
+
+                def full_micro_batch(index):
+                    self._micro_step(
+                        split.micro_batch(stack, index), first=False
+                    )
+                    return index + 1
+
+                if not split.is_static or split.full:
+                    tf.while_loop(
+                        lambda index: index < split.full,
+                        full_micro_batch,
+                        [tf.constant(0)],
+                        parallel_iterations=1,
+                    )
+                # Sliced outside the `tf.cond`, where XLA knows its size.
+                last = split.last()
+
+                def last_micro_batch():
+                    self._micro_step(last, first=False)
+                    return tf.no_op()
+
+                if not split.is_static:
+                    tf.cond(split.remainder > 0, last_micro_batch, tf.no_op)
+                elif split.remainder:
+                    last_micro_batch()
+                logs = self.get_metrics_result()
+                if distribute.is_multi_worker(self.distribute_strategy):
+                    logs = distribute.rank_one_logs(logs)
+        self._accumulator.count_micro_batch()
+        return logs
+
+    def _check_micro_batches_per_replica(self):
+        """Refuses what the micro-batch loop cannot run under replicas.
+
+        Under `on_nonfinite="skip"` and dynamic loss scaling each
+        micro-batch is kept or skipped on every replica alike, which takes
+        an all-reduce per micro-batch: TensorFlow runs no all-reduce inside
+        a `tf.while_loop` body under a strategy (`merge_call`).
+        """
+        if self._replicas() == 1 or not (
+            self._on_nonfinite == "skip"
+            or loss_scale.is_dynamic(self.optimizer)
+        ):
+            return
+        raise ValueError(
+            "`micro_batch_size` under a strategy with several replicas "
+            "cannot check each micro-batch for non-finite gradients on "
+            "every replica (`on_nonfinite=\"skip\"`, or the dynamic loss "
+            "scaling of `mixed_float16`): TensorFlow runs no all-reduce "
+            "inside the step's loop. Use on_nonfinite=\"raise\" (and "
+            "`mixed_bfloat16`), or micro_batch_size=None with `accumulate`. "
+            f"Received: micro_batch_size={self._micro_batch_size!r}, "
+            f"on_nonfinite={self._on_nonfinite!r} on "
+            f"{self._replicas()} replicas"
+        )
+
+    def _micro_step(self, data, first=True):
+        """Forward, backward and accumulation of one micro-batch (the
+        whole batch without `micro_batch_size`). Returns the logs.
+
+        Args:
+            data: The micro-batch.
+            first: Python bool, whether it is its batch's first micro-batch
+                (only a batch's first can start a window).
+        """
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batch_size = tf.shape(
             next(i for i in tf.nest.flatten(x) if i is not None)
@@ -166,7 +254,9 @@ class TensorFlowAccumulationTrainer:
             # After the forward pass and the loss, which build a subclassed
             # model's layers and the compiled loss on the first trace.
             self._sync_accumulation_state()
-            first_in_window = self._accumulator.mini_step.value == 0
+            first_in_window = tf.logical_and(
+                self._accumulator.mini_step.value == 0, first
+            )
 
             def probe(terms, losses, check):
                 with tape.stop_recording():
@@ -267,7 +357,6 @@ class TensorFlowAccumulationTrainer:
         # The lean step: one add per weight. A non-finite gradient reaches
         # the sums, and the window is checked (once) before it is applied.
         self._accumulator.add(term_gradients, contribution.normalisers)
-        self._accumulator.count_micro_batch()
         return tf.constant(True)
 
     def _window_is_full(self):
@@ -340,9 +429,6 @@ class TensorFlowAccumulationTrainer:
             ],
             tf.math.multiply_no_nan(normalisers, keep),
         )
-        # A skipped micro-batch still takes its place in the window, so
-        # windows keep their positions in the epoch.
-        accumulator.count_micro_batch()
         if loss_scale.is_dynamic(self.optimizer):
             # Under loss scaling an overflow is expected: the scale drops
             # and training goes on, as with `LossScaleOptimizer`.
@@ -495,6 +581,15 @@ class TensorFlowAccumulationTrainer:
 
     def _accumulate_from_custom_step(self, gradients, normaliser):
         """`accumulate_gradients` on TensorFlow (see `AccumulatingModel`)."""
+        if self._micro_batch_size is not None:
+            raise ValueError(
+                "`micro_batch_size` splits the batch inside "
+                "`AccumulatingModel`'s own step; a custom step that calls "
+                "`accumulate_gradients` computes its gradients itself. "
+                "Split the batch in that step, or call "
+                "`super().train_step(data)`, or pass micro_batch_size=None. "
+                f"Received: micro_batch_size={self._micro_batch_size!r}"
+            )
         custom_steps.count_accumulation(self)
         self._sync_accumulation_state()
         accumulator = self._accumulator
@@ -523,6 +618,7 @@ class TensorFlowAccumulationTrainer:
             [None] * len(gradients)
         ] * (terms - 1)
         self._accumulate(term_gradients, contribution, weighted=False)
+        accumulator.count_micro_batch()
         if self._schedule.value != validation.EPOCH:
             self._apply_window_when(self._window_is_full, self._window_plan)
 
@@ -531,16 +627,22 @@ class TensorFlowAccumulationTrainer:
         accumulator = self._accumulator
         if self._functions.apply is None:
 
-            # No AutoGraph: the body is already graph code (explicit
-            # `tf.cond`), and converting the closure only logs a warning.
-            @tf.function(autograph=False)
             def apply_function(plan):
                 self.distribute_strategy.run(
                     self._apply_window_when,
                     args=(lambda: accumulator.mini_step.value > 0, plan),
                 )
 
-            self._functions.apply = apply_function
+            # Traced once per model and `WindowPlan`. TensorFlow keys its
+            # retracing statistics by a function's code, which every
+            # model's closure shares: several models, each tracing its
+            # apply once, read as one function retraced at every call and
+            # log a retracing warning. A `partial` is keyed by itself.
+            # No AutoGraph: the body is already graph code (explicit
+            # `tf.cond`), and converting the closure only logs a warning.
+            self._functions.apply = tf.function(
+                functools.partial(apply_function), autograph=False
+            )
         self._functions.apply(self._window_plan)
 
     def _reset_window(self):
