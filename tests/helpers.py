@@ -1,8 +1,11 @@
 """Models, data and reference training shared by the exactness tests."""
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import keras
 import numpy as np
@@ -173,3 +176,49 @@ class NaiveAveragingModel(FunctionalAccumulatingModel):
             (True,) + (False,) * others,
             ops.cast(batch_size, loss.dtype),
         )
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free when this returns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(commands, env, timeout):
+    """Runs `commands` (argument lists) as processes started together.
+
+    The processes of one cluster wait for each other: when one of them
+    fails, or at `timeout` seconds, the others still running are killed (by
+    their own handles), so a failure is reported at once instead of as a
+    hang.
+
+    Returns:
+        A list of `(returncode, output)`, one per command, with stdout and
+        stderr together in `output`; `returncode` is negative for a killed
+        process.
+    """
+    logs = [tempfile.TemporaryFile() for _ in commands]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        for command, log in zip(commands, logs)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in processes]
+            if all(code is not None for code in codes) or any(codes):
+                break
+            time.sleep(0.1)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    results = []
+    for process, log in zip(processes, logs):
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+        results.append((process.returncode, output))
+        log.close()
+    return results
