@@ -10,7 +10,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -20,7 +20,9 @@
 # %% [markdown]
 # # Gradient accumulation on a Colab TPU, with JAX
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/colab_tpu.ipynb)
+# *Running it:* from a clone, `jupyter execute examples/colab_tpu.ipynb` (after
+# `pip install -e ".[jax,examples,notebooks]"`); on Colab, upload the notebook and
+# see the first code cell for how it installs keras-accum.
 #
 # Choose *Runtime > Change runtime type > TPU* on Colab. Colab's TPU runtimes
 # ship JAX and no TensorFlow (since 2025), so this notebook runs Keras on the
@@ -28,28 +30,41 @@
 # with `keras.distribution.DataParallel`. The same code runs on a GPU or on a
 # CPU; CI runs it on a CPU with TensorFlow not importable.
 #
-# It trains an `AccumulatingModel` with `accumulate=N` and with
-# `accumulate="epoch"`, checks both against plain Keras on the big batch,
-# then repeats the first in `mixed_bfloat16`, the precision TPUs compute in.
+# It trains an `AccumulatingModel` with `accumulate=N`, with
+# `micro_batch_size` and with `accumulate="epoch"`, checks each against plain
+# Keras on the big batch, then repeats the first in `mixed_bfloat16`, the
+# precision TPUs compute in.
 
 # %%
+import glob
 import importlib.util
 import subprocess
 import sys
 
-# On Colab, install keras-accum with its JAX extra (the TPU runtime has JAX
-# already, so nothing else is pulled in). Anywhere else, or when keras_accum
-# is importable already, this cell does nothing: install the package with
-# `pip install -e ".[jax,examples]"` from the repository. (A subprocess, not
-# `%pip`, so this file is plain Python for linters.)
-if "google.colab" in sys.modules:
-    if importlib.util.find_spec("keras_accum") is None:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q",
-             "keras-accum[jax] @ "
-             "git+https://github.com/keras-accum/keras-accum"],
-            check=True,
+# Where keras-accum comes from when it is not installed yet (on Colab, say).
+# REPOSITORY: the project's public Git repository, as pip spells it
+# ("git+https://..."); left empty, the cell installs a wheel uploaded next to
+# the notebook (`keras_accum-*.whl`, which `python -m build` writes to dist/
+# in a clone). From a clone, install it instead with
+# `pip install -e ".[jax,examples,notebooks]"` and this cell does nothing.
+REPOSITORY = ""
+EXTRAS = "[jax]"
+
+if importlib.util.find_spec("keras_accum") is None:
+    wheels = sorted(glob.glob("keras_accum-*.whl"))
+    if REPOSITORY:
+        requirement = f"keras-accum{EXTRAS} @ {REPOSITORY}"
+    elif wheels:
+        requirement = wheels[-1] + EXTRAS
+    else:
+        raise RuntimeError(
+            "keras_accum is not installed: set REPOSITORY above, or upload a "
+            "keras_accum-*.whl next to this notebook."
         )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", requirement],
+        check=True,
+    )
 
 # %% [markdown]
 # ## Backend and devices
@@ -196,6 +211,28 @@ print(f"accumulate={ACCUMULATE} vs plain batch {EFFECTIVE_BATCH}: "
 assert difference < 1e-3
 
 # %% [markdown]
+# ## One host call per update: `micro_batch_size`
+#
+# Above, the host calls the device once per micro-batch (`steps_per_execution`
+# groups those calls). With `micro_batch_size`, `fit` hands each step the
+# whole effective batch and the compiled step loops over it, `jax.lax.scan`
+# over micro-batches of `PER_DEVICE_BATCH` examples per device: the memory of
+# the micro-batch, one call per update. The update is the same big batch's.
+
+# %%
+micro_batched = compile_and_fit(
+    build(keras_accum.AccumulatingModel, accumulate=1,
+          micro_batch_size=PER_DEVICE_BATCH),
+    EFFECTIVE_BATCH,
+)
+difference = relative_difference(micro_batched, big_batch)
+print(f"micro_batch_size={PER_DEVICE_BATCH} at batch {EFFECTIVE_BATCH}: "
+      f"{int(micro_batched.optimizer.iterations.numpy())} updates; relative "
+      f"difference to plain batch {EFFECTIVE_BATCH} {difference:.1e}")
+assert int(micro_batched.optimizer.iterations.numpy()) == updates
+assert difference < 1e-3
+
+# %% [markdown]
 # ## Epoch mode: one update per epoch
 #
 # `accumulate="epoch"` applies the gradient of the whole training set once
@@ -255,8 +292,9 @@ assert difference < 5e-2
 # ```bash
 # pip install "tensorflow-tpu==2.19.1" \
 #     -f https://storage.googleapis.com/libtpu-tf-releases/index.html
-# pip install keras-accum scikit-learn   # no [tensorflow] extra: it would
-#                                        # pull a newer tensorflow (no TPU)
+# pip install keras_accum-*.whl scikit-learn   # the wheel (or REPOSITORY),
+#     # without the [tensorflow] extra: it would pull a newer TensorFlow
+#     # that has no TPU support
 # ```
 #
 # Then, in a fresh process (not after the JAX cells above: the backend is

@@ -6,7 +6,10 @@
 A `keras_hub.models.BertTextClassifier` is built from config with random
 weights (no preset is downloaded) and wrapped with `keras_accum.wrap`, which
 returns an `AccumulatingModel` over the same layers: training the wrapper
-trains the classifier, which stays usable as the keras-hub task it is.
+trains the classifier, which stays usable as the keras-hub task it is. Each
+batch of `--batch-size` is one update, computed inside the step in
+micro-batches of `--micro-batch-size` (`micro_batch_size`); `--accumulate`
+adds batches per update on top.
 
 The data are synthetic token sequences in the backbone's input format (a dict
 of `token_ids`, `segment_ids` and `padding_mask`); the label says whether a
@@ -113,13 +116,19 @@ def parse_args(argv=None):
         "--batch-size",
         type=int,
         default=config.BATCH_SIZE,
-        help="micro-batch size",
+        help="batch size given to `fit`",
+    )
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=config.MICRO_BATCH_SIZE,
+        help="examples per forward and backward pass inside a step",
     )
     parser.add_argument(
         "--accumulate",
         type=int,
         default=config.ACCUMULATE,
-        help="micro-batches per optimizer update",
+        help="batches per optimizer update",
     )
     parser.add_argument("--epochs", type=int, default=config.EPOCHS)
     parser.add_argument(
@@ -158,7 +167,11 @@ def main(argv=None):
     )
 
     classifier = build_classifier(args)
-    model = keras_accum.wrap(classifier, accumulate=args.accumulate)
+    model = keras_accum.wrap(
+        classifier,
+        accumulate=args.accumulate,
+        micro_batch_size=args.micro_batch_size,
+    )
     model.compile(
         optimizer=keras.optimizers.AdamW(config.LEARNING_RATE),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -166,8 +179,9 @@ def main(argv=None):
     )
     effective = args.batch_size * args.accumulate
     print(
-        f"{classifier.count_params():,} parameters; micro-batches of "
-        f"{args.batch_size}, {args.accumulate} per update: effective batch "
+        f"{classifier.count_params():,} parameters; batches of "
+        f"{args.batch_size} in micro-batches of {args.micro_batch_size}, "
+        f"{args.accumulate} batch(es) per update: effective batch "
         f"{effective}."
     )
     history = model.fit(

@@ -20,9 +20,11 @@ HIDDEN_DIM = 32
 INTERMEDIATE_DIM = 64
 NUM_CLASSES = 2
 
-# Fine-tuning: micro-batches of 16, one AdamW update per 4 of them.
+# Fine-tuning: batches of 64 for each AdamW update, computed inside the
+# step in micro-batches of 16 (the memory of 16 examples' activations).
 SEED = 1234
-BATCH_SIZE = 16
-ACCUMULATE = 4
+BATCH_SIZE = 64
+MICRO_BATCH_SIZE = 16
+ACCUMULATE = 1
 EPOCHS = 5
 LEARNING_RATE = 2e-3

@@ -1,52 +1,54 @@
-"""Trains a convnet on scikit-learn's digits, with and without accumulation.
+"""A big batch's updates with a small batch's memory, on scikit-learn's digits.
 
-    python examples/train_digits.py                  # about a minute on 2 cores
-    python examples/train_digits.py --tensorboard logs/digits
+    python examples/train_digits.py          # about 1.5 minutes on 2 CPU cores
 
-Four runs on the same data, from the same initial weights, in the same order:
+Four runs of the same convnet, on the same data, from the same initial
+weights, seeing the examples in the same order:
 
 1. `keras.Model.fit` at the micro-batch size (`--batch-size`, default 32).
 2. `AccumulatingModel(accumulate="epoch")`: one update per epoch.
-3. `AccumulatingModel(accumulate=N)` (`--accumulate`, default 8): a big batch
-   of N x batch-size examples made of micro-batches. Saved to
-   `saved_models/digits_accum.keras` and exported for serving.
-4. `keras.Model.fit` at N x batch-size: the big-batch reference that run 3
-   reproduces (their curves coincide).
+3. `AccumulatingModel(accumulate=N)` (`--accumulate`, default 8): the
+   update of a batch of N x batch-size examples, computed from micro-batches
+   of batch-size.
+4. `keras.Model.fit` at N x batch-size: the big batch that run 3 reproduces.
 
-It prints a comparison table (test accuracy, optimizer updates, peak RSS
-increase during `fit`, `fit` wall time), and writes the curves to
-`out/digits_curves.png` and the numbers to `out/digits_results.json`.
+It prints a table (updates, test accuracy, the memory of one train step,
+fit time), how far run 3's weights and curves are from run 4's, and writes a
+plot to `out/digits_curves.png` and every number to
+`out/digits_results.json`. Nothing else is written unless you ask:
+`--save-models` also saves run 3's model to `saved_models/` (a `.keras` file
+and a serving export) and `--tensorboard DIR` writes TensorBoard logs.
 
-On Linux each run is a forked child of the launcher, so the memory figures do
-not share a heap: the launcher imports TensorFlow but runs no op before
-forking. Elsewhere the runs share one process.
+Memory is XLA's own analysis of each run's compiled train step (on the JAX
+backend, the default here): the bytes of its inputs (weights, optimizer
+state, accumulators, one batch) plus its temporaries (activations and
+gradients). It is exact and the same on every run, unlike a process's
+resident memory, which is mostly the framework's fixed cost on a model this
+small. On the TensorFlow backend (`KERAS_BACKEND=tensorflow`) the example
+trains the same way and leaves the memory column empty.
 """
 
 import argparse
 import importlib.util
 import json
-import multiprocessing
+import math
 import os
 import pathlib
 import sys
-import threading
 import time
-import traceback
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import digits_config as config  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_accum  # noqa: E402
 
-_FORK = sys.platform.startswith("linux")
+MB = 10**6
 
 
 class Run:
@@ -55,18 +57,16 @@ class Run:
     Args:
         key: Short name, used for TensorBoard sub-directories and JSON keys.
         label: Name printed in the table and the plot legend.
-        batch_size: Mini-batch size given to the dataset.
+        batch_size: Mini-batch size given to `fit`.
         accumulate: `None` for a plain `keras.Model`, else the
             `AccumulatingModel` window (`"epoch"` or an int).
-        save: Whether to save and export the trained model.
     """
 
-    def __init__(self, key, label, batch_size, accumulate=None, save=False):
+    def __init__(self, key, label, batch_size, accumulate=None):
         self.key = key
         self.label = label
         self.batch_size = batch_size
         self.accumulate = accumulate
-        self.save = save
 
     def effective_batch(self, train_size):
         if self.accumulate is None:
@@ -83,10 +83,9 @@ def make_runs(batch_size, accumulate):
         Run("epoch", 'accumulate="epoch"', batch_size, accumulate="epoch"),
         Run(
             "accumulate",
-            f"accumulate={accumulate}",
+            f"accumulate={accumulate}, batch {batch_size}",
             batch_size,
             accumulate=accumulate,
-            save=True,
         ),
         Run("reference", f"plain fit, batch {big_batch}", big_batch),
     ]
@@ -106,30 +105,56 @@ def load_data():
     )
 
 
-def make_dataset(x, y, batch_size, shuffle):
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        # Shuffling before batching with a fixed seed gives every run the
-        # same example order, whatever its batch size.
-        dataset = dataset.shuffle(
-            len(x), seed=config.SEED, reshuffle_each_iteration=True
-        )
-    return dataset.batch(batch_size)
+class ShuffledBatches(keras.utils.PyDataset):
+    """Batches of `(x, y)` in an order that depends only on the epoch.
+
+    Every run sees the same example order whatever its batch size, so the
+    accumulated run's windows hold exactly the big batch's examples.
+    """
+
+    def __init__(self, x, y, batch_size, seed):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self._rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index):
+        rows = self._order[index * self.batch_size:][: self.batch_size]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self):
+        self._order = self._rng.permutation(len(self.x))
 
 
 def build_model(accumulate):
-    """The convnet: a `keras.Model`, or an `AccumulatingModel`."""
+    """The convnet: a `keras.Model`, or an `AccumulatingModel`.
+
+    Each kernel's initializer has its own seed, so every run starts from the
+    same weights.
+    """
+    seeds = iter(range(config.SEED, config.SEED + 100))
+
+    def init():
+        return keras.initializers.GlorotUniform(seed=next(seeds))
+
     inputs = keras.Input((8, 8, 1), name="image")
     x = inputs
     for filters in config.FILTERS:
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(
-            x
-        )
+        x = keras.layers.Conv2D(
+            filters, 3, padding="same", activation="relu",
+            kernel_initializer=init(),
+        )(x)
     x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(config.DENSE_UNITS, activation="relu")(x)
+    x = keras.layers.Dense(
+        config.DENSE_UNITS, activation="relu", kernel_initializer=init()
+    )(x)
     outputs = keras.layers.Dense(
-        config.NUM_CLASSES, activation="softmax", name="probabilities"
+        config.NUM_CLASSES, activation="softmax", name="probabilities",
+        kernel_initializer=init(),
     )(x)
     if accumulate is None:
         return keras.Model(inputs, outputs, name="digits")
@@ -138,45 +163,42 @@ def build_model(accumulate):
     )
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs.
+def step_memory(model, x, y, batch_size):
+    """XLA's memory analysis of `model`'s compiled train step, in bytes.
 
-    A thread samples the RSS every `interval` seconds; `increase_mb` is the
-    highest sample minus the RSS when the block was entered.
+    The step is compiled as Keras compiles it on JAX (`jax.jit`, the state
+    donated), for one batch of `batch_size`. Returns `None` off JAX.
     """
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
 
-    def __init__(self, interval=config.MEMORY_SAMPLE_INTERVAL):
-        self._interval = interval
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.baseline = self.peak = 0
-
-    def _sample(self):
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __enter__(self):
-        self.baseline = self.peak = self._process.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @property
-    def increase_mb(self):
-        return (self.peak - self.baseline) / 2**20
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+    )
+    batch = (x[:batch_size], y[:batch_size])
+    step = jax.jit(model.train_step, donate_argnums=0)
+    analysis = step.lower(state, batch).compile().memory_analysis()
+    return {
+        "inputs": analysis.argument_size_in_bytes,
+        "temporaries": analysis.temp_size_in_bytes,
+        # The outputs not written over the donated inputs: the logs.
+        "other_outputs": max(
+            0, analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+        ),
+    }
 
 
 def train(run, args):
-    """Trains one configuration; returns its numbers as a JSON-able dict."""
-    keras.utils.set_random_seed(config.SEED)
+    """Trains one configuration; returns its numbers and trained model."""
+    keras.backend.clear_session()
     x_train, x_test, y_train, y_test = load_data()
-    train_data = make_dataset(x_train, y_train, run.batch_size, shuffle=True)
-    test_data = make_dataset(x_test, y_test, 256, shuffle=False)
+    train_data = ShuffledBatches(
+        x_train, y_train, run.batch_size, seed=config.SEED
+    )
 
     model = build_model(run.accumulate)
     model.compile(
@@ -197,26 +219,27 @@ def train(run, args):
 
     print(f"\n== {run.label} ==", flush=True)
     start = time.perf_counter()
-    with PeakRSS() as memory:
-        history = model.fit(
-            train_data,
-            epochs=args.epochs,
-            validation_data=test_data,
-            callbacks=callbacks,
-            shuffle=False,  # The dataset shuffles itself.
-            verbose=2,
-        )
+    history = model.fit(
+        train_data,
+        epochs=args.epochs,
+        validation_data=(x_test, y_test),
+        validation_batch_size=256,
+        callbacks=callbacks,
+        shuffle=False,  # `ShuffledBatches` shuffles the examples itself.
+        verbose=2,
+    )
     fit_seconds = time.perf_counter() - start
-
-    if run.save:
-        save_artifacts(model, args.saved_models)
-    return {
+    memory = step_memory(model, x_train, y_train, run.batch_size)
+    return model, {
         "label": run.label,
         "batch_size": run.batch_size,
         "effective_batch": run.effective_batch(len(x_train)),
-        "updates": int(model.optimizer.iterations.numpy()),
+        "updates": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "test_accuracy": float(history.history["val_accuracy"][-1]),
-        "peak_rss_increase_mb": memory.increase_mb,
+        "step_memory_bytes": memory,
+        "step_memory_mb": (
+            None if memory is None else sum(memory.values()) / MB
+        ),
         "fit_seconds": fit_seconds,
         "history": {
             k: [float(v) for v in h] for k, h in history.history.items()
@@ -230,7 +253,8 @@ def save_artifacts(model, directory):
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / config.MODEL_FILE)
     # `export` writes a TensorFlow SavedModel whose `serve` endpoint maps
-    # images to probabilities: no Python class needed to load it.
+    # images to probabilities: no Python class needed to load it. (It needs
+    # TensorFlow installed, on JAX too.)
     model.export(str(directory / config.EXPORT_DIR), verbose=False)
     print(
         f"Saved {directory / config.MODEL_FILE} and "
@@ -239,49 +263,23 @@ def save_artifacts(model, directory):
     )
 
 
-def _child(connection, run, args):
-    try:
-        connection.send(("ok", train(run, args)))
-    except BaseException:  # Reported by the parent, which re-raises.
-        connection.send(("error", traceback.format_exc()))
-    finally:
-        connection.close()
-
-
-def run_isolated(run, args):
-    """Runs `train(run, args)` in a forked child on Linux, else in-process."""
-    if not _FORK:
-        keras.backend.clear_session()
-        return train(run, args)
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, run, args))
-    process.start()
-    sender.close()
-    try:
-        status, payload = receiver.recv()
-    except EOFError:
-        status, payload = "error", "the child process died without a result"
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"Run {run.label!r} failed:\n{payload}")
-    return payload
-
-
-def format_table(results):
+def format_table(results, big_batch_key="reference"):
     """The comparison table, as Markdown (readable in a terminal too)."""
-    header = (
+    big = results[big_batch_key]["step_memory_mb"]
+    lines = [
         "| run | micro-batch | effective batch | updates | test accuracy "
-        "| peak RSS increase (MB) | fit time (s) |"
-    )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
-    for result in results:
+        "| train step memory (MB) | vs big batch | fit time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results.values():
+        memory = result["step_memory_mb"]
         lines.append(
             f"| {result['label']} | {result['batch_size']} "
             f"| {result['effective_batch']} | {result['updates']} "
             f"| {result['test_accuracy']:.3f} "
-            f"| {result['peak_rss_increase_mb']:.0f} "
-            f"| {result['fit_seconds']:.1f} |"
+            + ("| - | - " if memory is None else
+               f"| {memory:.2f} | {memory / big:.0%} ")
+            + f"| {result['fit_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -293,6 +291,14 @@ def curve_differences(first, second):
     ).tolist()
 
 
+def weight_difference(model, reference):
+    """Relative difference of two models' weights (largest over tensors)."""
+    differences = []
+    for w, r in zip(model.get_weights(), reference.get_weights()):
+        differences.append(np.linalg.norm(w - r) / np.linalg.norm(r))
+    return float(max(differences))
+
+
 def plot_curves(results, path):
     import matplotlib
 
@@ -300,17 +306,21 @@ def plot_curves(results, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    figure, (loss_axes, accuracy_axes) = plt.subplots(
-        1, 2, figsize=(10, 4), constrained_layout=True
+    with_memory = all(r["step_memory_mb"] for r in results.values())
+    figure, axes = plt.subplots(
+        1, 3 if with_memory else 2,
+        figsize=(15 if with_memory else 10, 4.2),
+        constrained_layout=True,
     )
+    loss_axes, accuracy_axes = axes[:2]
     # The accumulated run is drawn wide and its reference dashed on top.
     styles = [
-        {"linewidth": 1.5},
-        {"linewidth": 1.5},
-        {"linewidth": 4, "alpha": 0.5},
-        {"linewidth": 1.5, "linestyle": "--"},
+        {"linewidth": 1.5, "color": "tab:blue"},
+        {"linewidth": 1.5, "color": "tab:orange"},
+        {"linewidth": 5, "alpha": 0.45, "color": "tab:green"},
+        {"linewidth": 1.5, "linestyle": "--", "color": "black"},
     ]
-    for result, style in zip(results, styles):
+    for result, style in zip(results.values(), styles):
         history = result["history"]
         epochs = np.arange(1, len(history["loss"]) + 1)
         label = f"{result['label']} ({result['updates']} updates)"
@@ -319,18 +329,32 @@ def plot_curves(results, path):
             epochs, history["val_accuracy"], label=label, **style
         )
     loss_axes.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    loss_axes.set_title("Training loss (mean over the epoch's mini-batches)")
+    loss_axes.set_title("Training loss")
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1))
     accuracy_axes.set_title("Test accuracy after each epoch")
     accuracy_axes.legend(loc="lower right", fontsize="small")
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.xaxis.set_major_locator(
+    for each in (loss_axes, accuracy_axes):
+        each.grid(alpha=0.3)
+        each.xaxis.set_major_locator(
             matplotlib.ticker.MaxNLocator(integer=True)
         )
+    if with_memory:
+        memory_axes = axes[2]
+        labels = [r["label"] for r in results.values()]
+        values = [r["step_memory_mb"] for r in results.values()]
+        bars = memory_axes.barh(
+            labels, values, color=[s["color"] for s in styles]
+        )
+        memory_axes.bar_label(bars, fmt="%.1f MB", padding=3)
+        memory_axes.invert_yaxis()
+        memory_axes.set_xlim(0, max(values) * 1.3)
+        memory_axes.set(xlabel="MB (XLA's analysis of the compiled step)")
+        memory_axes.set_title("Memory of one train step")
+        memory_axes.grid(alpha=0.3, axis="x")
     figure.suptitle(
-        "load_digits: the accumulated run (wide) and its big-batch reference "
-        "(dashed) coincide"
+        "load_digits: the accumulated run (wide, green) and the big batch "
+        "(dashed) coincide; the accumulated step holds a fraction of the "
+        "memory"
     )
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -360,9 +384,14 @@ def parse_args(argv=None):
         help="directory for the plot and the results JSON",
     )
     parser.add_argument(
-        "--saved-models",
-        default=config.SAVED_MODELS_DIR,
-        help="directory for the .keras file and the serving export",
+        "--save-models",
+        nargs="?",
+        const=config.SAVED_MODELS_DIR,
+        default=None,
+        metavar="DIR",
+        help="also save the accumulating run's model (.keras file and "
+        f"serving export) to DIR (default when given: "
+        f"{config.SAVED_MODELS_DIR})",
     )
     parser.add_argument(
         "--tensorboard",
@@ -390,29 +419,45 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    runs = make_runs(args.batch_size, args.accumulate)
-    results = [run_isolated(run, args) for run in runs]
+    results, models = {}, {}
+    for run in make_runs(args.batch_size, args.accumulate):
+        models[run.key], results[run.key] = train(run, args)
     total_seconds = time.perf_counter() - start
 
+    accumulated, big = results["accumulate"], results["reference"]
     table = format_table(results)
-    differences = curve_differences(
-        results[2]["history"], results[3]["history"]
-    )
+    differences = curve_differences(accumulated["history"], big["history"])
+    weights = weight_difference(models["accumulate"], models["reference"])
     print(f"\n{table}\n")
+    if big["step_memory_mb"] is not None:
+        print(
+            "Train step memory: XLA's analysis of the compiled step on "
+            f"{keras.backend.backend()} (inputs: weights, optimizer state, "
+            "accumulators and one batch; plus temporaries: activations and "
+            "gradients)."
+        )
+    else:
+        print("Train step memory: run on JAX (the default) to measure it.")
     print(
-        f"{results[2]['label']} vs {results[3]['label']}: their logged losses "
-        f"and accuracies differ by at most {differences[0]:.0e} after epoch 1 "
-        f"and {max(differences):.0e} over all {len(differences)} epochs "
-        "(float32 round-off, which training amplifies)."
+        f"{accumulated['label']} vs {big['label']}: after "
+        f"{accumulated['updates']} updates their weights differ by "
+        f"{weights:.0e} (relative); their logged losses and accuracies by at "
+        f"most {differences[0]:.0e} after epoch 1 and {max(differences):.0e} "
+        "over all epochs (float32 round-off, which training amplifies)."
     )
+
+    if args.save_models:
+        save_artifacts(models["accumulate"], args.save_models)
     plot_path = out / config.PLOT_FILE
     plot_curves(results, plot_path)
     summary = {
         "command": " ".join(
             ["python", "examples/train_digits.py"] + sys.argv[1:]
         ),
-        "runs": {run.key: result for run, result in zip(runs, results)},
+        "backend": keras.backend.backend(),
+        "runs": results,
         "reference_differences": differences,
+        "reference_weight_difference": weights,
         "total_seconds": total_seconds,
         "table": table,
     }

@@ -16,14 +16,15 @@ a TPU runtime has it (tests/conftest.py then leaves out the modules that
 need TensorFlow). Each combination's last result is kept in
 `scripts/version_matrix.json` (merged, so combinations can be run one at a
 time); the Markdown table (versions x pass/fail) is made from it, and
-`--readme` writes it into README.md between the `version-matrix` markers.
+`--readme` writes it into docs/compatibility.md between the `version-matrix`
+markers.
 
 Usage:
 
     python scripts/version_matrix.py                    # the whole matrix
     python scripts/version_matrix.py --only lowest      # one combination
     python scripts/version_matrix.py --only lowest --wheel dist/*.whl
-    python scripts/version_matrix.py --readme           # and into README
+    python scripts/version_matrix.py --readme           # and into the docs
     python scripts/version_matrix.py --table-only --readme  # runs nothing
 
 Environments live in `--venvs` (default `/tmp/venvs`); pip's cache makes a
@@ -52,7 +53,7 @@ RESULTS = ROOT / "scripts" / "version_matrix.json"
 # functional get_config), each with a JAX of its time. Every TensorFlow
 # pins a Keras floor: 2.16 >= 3.0,
 # 2.17 >= 3.2, 2.18/2.19 >= 3.5, 2.20 >= 3.10, 2.21 >= 3.12. The lowest JAX
-# is the floor in pyproject.toml's `jax` extra (README, "Compatibility").
+# is the floor in pyproject.toml's `jax` extra (docs/compatibility.md).
 MATRIX = {
     "lowest": ("2.16.2", "3.10.0", JAX_FLOOR),
     "tf2.17-keras3.11": ("2.17.1", "3.11.3", "0.6.2"),
@@ -222,10 +223,10 @@ def table(results):
 
 
 def write_readme(markdown):
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "compatibility.md"
     text = readme.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
@@ -246,7 +247,7 @@ def main():
                              "installs no TensorFlow")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--readme", action="store_true",
-                        help="write the table into README.md")
+                        help="write the table into docs/compatibility.md")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: print (and with --readme write) "
                              "the table of the recorded results")

@@ -1,8 +1,10 @@
 """Reload tests for the committed artifacts in `saved_models/`.
 
-They were written by `python examples/train_digits.py` at its default settings
-(see `saved_models/README.md`): the `accumulate=8` convnet on scikit-learn's
-digits, as a `.keras` file and as a serving SavedModel.
+They were written by `python examples/train_digits.py --save-models` at its
+default settings, on JAX (see `saved_models/README.md`): the `accumulate=8`
+convnet on scikit-learn's digits, as a `.keras` file and as a serving
+SavedModel. These tests load them on TensorFlow: a file saved on one
+backend loads on the other.
 """
 
 import importlib

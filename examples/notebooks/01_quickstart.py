@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +16,9 @@
 # %% [markdown]
 # # Quickstart: one optimizer update per epoch
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/notebooks/01_quickstart.ipynb)
+# *Running it:* from a clone, `jupyter execute examples/notebooks/01_quickstart.ipynb` (after
+# `pip install -e ".[examples,notebooks]"`); on Colab, upload the notebook and
+# see the first code cell for how it installs keras-accum.
 #
 # `keras_accum.AccumulatingModel` is a `keras.Model` whose `train_step` adds
 # each mini-batch's gradient into accumulators instead of applying it; the
@@ -26,16 +28,33 @@
 # backend: TensorFlow (the default here) or JAX.
 
 # %%
+import glob
+import importlib.util
 import subprocess
 import sys
 
-# On Colab, install keras-accum first. Anywhere else this cell does nothing:
-# install the package with `pip install -e ".[examples]"` from the repository.
-# (A subprocess, not `%pip`, so this file is plain Python for linters.)
-if "google.colab" in sys.modules:
+# Where keras-accum comes from when it is not installed yet (on Colab, say).
+# REPOSITORY: the project's public Git repository, as pip spells it
+# ("git+https://..."); left empty, the cell installs a wheel uploaded next to
+# the notebook (`keras_accum-*.whl`, which `python -m build` writes to dist/
+# in a clone). From a clone, install it instead with
+# `pip install -e ".[examples,notebooks]"` and this cell does nothing.
+REPOSITORY = ""
+EXTRAS = ""
+
+if importlib.util.find_spec("keras_accum") is None:
+    wheels = sorted(glob.glob("keras_accum-*.whl"))
+    if REPOSITORY:
+        requirement = f"keras-accum{EXTRAS} @ {REPOSITORY}"
+    elif wheels:
+        requirement = wheels[-1] + EXTRAS
+    else:
+        raise RuntimeError(
+            "keras_accum is not installed: set REPOSITORY above, or upload a "
+            "keras_accum-*.whl next to this notebook."
+        )
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q",
-         "keras-accum @ git+https://github.com/keras-accum/keras-accum"],
+        [sys.executable, "-m", "pip", "install", "-q", requirement],
         check=True,
     )
 
@@ -205,10 +224,10 @@ print(f"Largest weight difference after 5 updates: {difference:.1e}")
 # %% [markdown]
 # ## Next
 #
-# * [02_big_batch_on_small_memory.ipynb](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/notebooks/02_big_batch_on_small_memory.ipynb):
+# * [02_big_batch_on_small_memory.ipynb](02_big_batch_on_small_memory.ipynb):
 #   an effective batch of 4096 from micro-batches of 64, and the memory it saves.
-# * [colab_tpu.ipynb](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/colab_tpu.ipynb): on a TPU
+# * [colab_tpu.ipynb](../colab_tpu.ipynb): on a TPU
 #   with JAX and `keras.distribution.DataParallel` (TensorFlow's
 #   `TPUStrategy` as the documented alternative).
 # * `examples/train_digits.py`: a convnet trained plainly, in epoch mode and with
-#   `accumulate=8`, with a comparison table.
+#   `accumulate=8`, with a table of its updates and of its train step's memory.

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,7 +16,9 @@
 # %% [markdown]
 # # A big batch on small memory
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/keras-accum/keras-accum/blob/main/examples/notebooks/02_big_batch_on_small_memory.ipynb)
+# *Running it:* from a clone, `jupyter execute examples/notebooks/02_big_batch_on_small_memory.ipynb` (after
+# `pip install -e ".[examples,notebooks]"`); on Colab, upload the notebook and
+# see the first code cell for how it installs keras-accum.
 #
 # A big batch needs memory in proportion to its size: every activation of the
 # forward pass is kept for the backward pass. `AccumulatingModel` computes the
@@ -32,16 +34,33 @@
 # the big batch then needs several GB).
 
 # %%
+import glob
+import importlib.util
 import subprocess
 import sys
 
-# On Colab, install keras-accum first. Anywhere else this cell does nothing:
-# install the package with `pip install -e ".[examples]"` from the repository.
-# (A subprocess, not `%pip`, so this file is plain Python for linters.)
-if "google.colab" in sys.modules:
+# Where keras-accum comes from when it is not installed yet (on Colab, say).
+# REPOSITORY: the project's public Git repository, as pip spells it
+# ("git+https://..."); left empty, the cell installs a wheel uploaded next to
+# the notebook (`keras_accum-*.whl`, which `python -m build` writes to dist/
+# in a clone). From a clone, install it instead with
+# `pip install -e ".[examples,notebooks]"` and this cell does nothing.
+REPOSITORY = ""
+EXTRAS = "[tensorflow]"
+
+if importlib.util.find_spec("keras_accum") is None:
+    wheels = sorted(glob.glob("keras_accum-*.whl"))
+    if REPOSITORY:
+        requirement = f"keras-accum{EXTRAS} @ {REPOSITORY}"
+    elif wheels:
+        requirement = wheels[-1] + EXTRAS
+    else:
+        raise RuntimeError(
+            "keras_accum is not installed: set REPOSITORY above, or upload a "
+            "keras_accum-*.whl next to this notebook."
+        )
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q",
-         "keras-accum @ git+https://github.com/keras-accum/keras-accum"],
+        [sys.executable, "-m", "pip", "install", "-q", requirement],
         check=True,
     )
 
@@ -63,7 +82,11 @@ print(f"effective batch {EFFECTIVE_BATCH} = {ACCUMULATE} micro-batches of "
 # %%
 import os
 
-os.environ["KERAS_BACKEND"] = "tensorflow"  # keras_accum needs TensorFlow.
+# This notebook measures memory with TensorFlow's allocator statistics, so it
+# runs on the TensorFlow backend. (keras_accum itself runs on TensorFlow and
+# JAX alike; on JAX, `examples/train_digits.py` measures a compiled step's
+# memory with XLA's own analysis.)
+os.environ["KERAS_BACKEND"] = "tensorflow"
 # TensorFlow's CPU allocator keeps the statistics read below only in its BFC
 # mode, which must be chosen before TensorFlow starts. (GPUs always keep them.)
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
