@@ -4,7 +4,7 @@ keras_accum hooks into Keras below its public API: the reduction every
 `Loss` goes through, the compiled-loss container, the functional graph. These
 are not stable across Keras releases, so each one is reached only through a
 wrapper here. Each wrapper's docstring names the Keras versions it was
-checked on (the compatibility matrix in the README, produced by
+checked on (the compatibility matrix, docs/compatibility.md, produced by
 `scripts/version_matrix.py`), and `tests/keras_internals_test.py` fails if a
 Keras release changes one.
 
@@ -28,7 +28,7 @@ import keras
 
 from keras_accum.version import __version__
 
-# The range proven by the version matrix (README, "Compatibility"); "Keras
+# The range proven by the version matrix (docs/compatibility.md); "Keras
 # 3.10.0 to 3.15.1" in a docstring below means each of these releases.
 CHECKED_KERAS = "3.10.0, 3.11.3, 3.12.4, 3.13.2, 3.14.1 and 3.15.1"
 
@@ -53,7 +53,7 @@ def _missing(piece, checked=CHECKED_KERAS):
         f"keras_accum {__version__} relies on `{piece}`, a private Keras API "
         f"that the installed Keras {keras.version()} does not have (checked "
         f"on Keras {checked}). Install a Keras version from the supported "
-        "range (README, 'Compatibility'), e.g. `pip install 'keras>=3.10'`. "
+        "range (docs/compatibility.md), e.g. `pip install 'keras>=3.10'`. "
         f"Received: keras.__version__={keras.version()!r}"
     )
 

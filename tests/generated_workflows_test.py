@@ -134,7 +134,7 @@ def logged_keys(features):
     per-batch values weighted by examples, so plain Keras' own log changes
     with the batch size unless every batch's loss is an example mean: a
     `"sum"` or `"mean_with_sample_weight"` reduction, masks, and sample or
-    class weights make it batch-size dependent (README, "What is logged":
+    class weights make it batch-size dependent (docs/semantics.md, "What is logged":
     keras_accum logs its mini-batches' losses). With several compiled terms
     keras_accum logs each window as plain Keras' one batch (docs/
     semantics.md; one device or epoch mode), so `loss` is compared then;

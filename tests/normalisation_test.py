@@ -253,7 +253,7 @@ class TestMultiOutput:
     def test_shared_normalisation_is_not_exact_here(self):
         """Documents the limit of the opt-in `"shared"`: both terms get the
         first one's normaliser (valid tokens) while the score term is
-        normalised by its weight sum (README, Limits)."""
+        normalised by its weight sum (docs/semantics.md, "Known limits")."""
         data, compile_kwargs = _multi_output_case()
         expected = _reference(multi_output_graph, data, "epoch", 32,
                               compile_kwargs)
