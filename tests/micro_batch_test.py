@@ -35,9 +35,11 @@ class TestExactness:
         )
 
     @pytest.mark.parametrize(
-        "reduction", ["sum_over_batch_size", "mean_with_sample_weight"]
+        "reduction", ["sum_over_batch_size", "mean_with_sample_weight", "sum"]
     )
     def test_sample_weights_and_weight_regularisation(self, reduction):
+        """With a summed loss the weight penalty must count on the window's
+        first micro-batch only, not on each of its first batch's."""
         x, y = helpers.regression_data(1000)
         weights = np.random.default_rng(5).uniform(0.0, 3.0, size=1000)
         graph = lambda: helpers.dense_graph(  # noqa: E731
@@ -48,6 +50,8 @@ class TestExactness:
         cases._exact_and_naive_fails(
             graph, (x, y, weights), 4, 64,
             {"loss": keras.losses.MeanSquaredError(reduction=reduction)},
+            # A summed loss is ~window-size times a mean one.
+            learning_rate=0.5 / 256 if reduction == "sum" else 0.5,
             micro_batch_size=24,
         )
 
