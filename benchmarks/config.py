@@ -29,7 +29,9 @@ QUICK_MODELS = ("mlp",)
 # Timing: one warm-up epoch per configuration, then `rounds` timed epochs per
 # configuration, interleaved round-robin inside one process per
 # (model, optimizer); the reported time is the median over the rounds.
-FULL_TIMING_ROUNDS = 4
+# 3 since issue 26 (was 4): the `micro_batch_size` rows (and their XLA
+# twins) added ~40% more configurations and the whole run stays < 30 min.
+FULL_TIMING_ROUNDS = 3
 QUICK_TIMING_ROUNDS = 1
 
 # Memory: epochs of the single `fit` call made in each fresh process.
@@ -57,10 +59,12 @@ FULL_EXACT_KS = (4, 8)
 QUICK_EXACT_KS = (4,)
 EXACT_EPOCHS = 3
 
-# JAX (`KERAS_BACKEND=jax python benchmarks/run.py`): timing and memory
-# (the other phases use TensorFlow's profiler, strategies and `tf.data`),
-# much of it XLA compilation (one per configuration and process). Sized for
-# about ten minutes on two quiet cores. `jit_compile=True` (JAX's
+# JAX (`KERAS_BACKEND=jax python benchmarks/run.py`): timing, memory and
+# floors (the other phases use TensorFlow's profiler, strategies and
+# `tf.data`), much of it XLA compilation (one per configuration and
+# process). About 28 minutes on two shared cores since issue 26 (half of
+# it the convnet's `micro_batch_size` rows, slow under XLA's CPU while
+# loop). `jit_compile=True` (JAX's
 # default; `False` would run every op eagerly). The micro-batch is smaller
 # than TensorFlow's so that the convnet's epochs stay short while every k
 # still divides the epoch (examples = JAX_MICRO_BATCH * max(JAX_KS)).
@@ -72,9 +76,11 @@ JAX_MICRO_BATCH = 16
 # make its epochs ~0.4 s, long against `fit`'s fixed cost per call.
 JAX_EXAMPLES = {"mlp": 512, "convnet": 512, "transformer": 2048}
 # keras_accum and the built-in differ by a few percent on the transformer,
-# under epoch-to-epoch noise of +-15% on a shared machine: 9 rounds, and
-# ratios taken per round (report.py).
-JAX_TIMING_ROUNDS = 9
+# under epoch-to-epoch noise of +-15% on a shared machine: ratios taken per
+# round (report.py). 9 rounds resolved ~+-5%; 5 since issue 26 added the
+# `micro_batch_size` rows, whose convnet epochs are ~10x slower on XLA's
+# CPU while loop (see the floors), to keep the run near 15 minutes.
+JAX_TIMING_ROUNDS = 5
 # Memory on JAX: one fresh (forked) process per configuration, each paying
 # its own compilation, so a smaller grid: k = 8, every model.
 JAX_MEMORY_OPTIMIZERS = ("sgd", "adam")
@@ -83,3 +89,14 @@ JAX_MEMORY_EPOCHS = 1
 # Epochs trained before the measured `fit`, so that XLA's compilation (in
 # the first `fit`) is not counted as training memory.
 JAX_MEMORY_WARMUP_EPOCHS = 1
+# keras_accum `micro_batch_size=b` at batch k*b (issue 26): on TensorFlow
+# also timed with `jit_compile=True` for these models. Not the convnet:
+# XLA's CPU while loop over a convolution's gradient runs 10-20x slower
+# than the big batch (see the floors), minutes per configuration.
+MICRO_XLA_MODELS = ("mlp", "transformer")
+QUICK_MICRO_XLA_MODELS = ("mlp",)
+# JAX memory: `plain_kb` and `keras_accum_micro` at these k as well (the
+# full set of methods runs at `JAX_MEMORY_KS`).
+JAX_MEMORY_MICRO_KS = (8, 32)
+# Raw floors (floors.py): alternating rounds per (model, k, variant).
+FLOORS_ROUNDS = 3

@@ -8,6 +8,13 @@ compiled model plus the batch size its `fit` uses:
   accumulating methods emulate, when it fits in memory).
 - `builtin`: Keras' own `optimizer(gradient_accumulation_steps=k)` at `b`.
 - `keras_accum`: `keras_accum.AccumulatingModel(accumulate=k)` at `b`.
+- `keras_accum_micro`: `keras_accum.AccumulatingModel(accumulate=1,
+  micro_batch_size=b)` at the big batch `k * b`: `fit` hands the step a
+  batch of `k * b`, which the compiled step splits into `k` micro-batches
+  of `b` (`lax.scan` on JAX, `tf.while_loop` on TensorFlow); one update
+  and one host call per `k * b` examples, in the memory of `b`. With
+  `"jit": True` in the configuration (TensorFlow) it is compiled with
+  `jit_compile=True` instead of Keras' CPU default (no XLA).
 - `keras_accum_epoch`: `AccumulatingModel(accumulate="epoch")` at `b`.
 - `keras_accum_skip`: `AccumulatingModel(accumulate=k,
   on_nonfinite="skip")`, whose step checks and scales every micro-batch's
@@ -29,6 +36,7 @@ METHODS = (
     "plain_kb",
     "builtin",
     "keras_accum",
+    "keras_accum_micro",
     "keras_accum_epoch",
     "fwd_bwd",
 )
@@ -38,6 +46,7 @@ LABELS = {
     "plain_kb": "plain fit @ k*b",
     "builtin": "Keras built-in (gradient_accumulation_steps=k)",
     "keras_accum": "keras_accum accumulate=k",
+    "keras_accum_micro": "keras_accum micro_batch_size=b at batch k*b",
     "keras_accum_epoch": 'keras_accum accumulate="epoch"',
     "fwd_bwd": "forward+backward only (reference)",
     "keras_accum_skip": 'keras_accum accumulate=k, on_nonfinite="skip"',
@@ -99,15 +108,30 @@ def config_key(config):
     return key
 
 
-def configurations(ks, include_reference=True, include_epoch=True):
+def configurations(ks, include_reference=True, include_epoch=True,
+                   include_micro_xla=False, micro_ks=None):
     """Every configuration of one (model, optimizer) group, k-independent
-    ones first. `keras_accum` at k=1 only when 1 is in `ks`."""
+    ones first. `keras_accum` at k=1 only when 1 is in `ks`.
+
+    Args:
+        include_micro_xla: Also `keras_accum_micro` compiled with
+            `jit_compile=True` at every k >= 2 (TensorFlow: its CPU
+            default is no XLA).
+        micro_ks: The k of the `keras_accum_micro` rows; every k >= 2 of
+            `ks` when `None`.
+    """
     configs = [{"method": "plain_b", "k": 1}]
     for k in ks:
         if k >= 2:
             configs.append({"method": "plain_kb", "k": k})
             configs.append({"method": "builtin", "k": k})
         configs.append({"method": "keras_accum", "k": k})
+        if k >= 2 and (micro_ks is None or k in micro_ks):
+            configs.append({"method": "keras_accum_micro", "k": k})
+            if include_micro_xla:
+                configs.append(
+                    {"method": "keras_accum_micro", "k": k, "jit": True}
+                )
     if include_epoch:
         configs.append({"method": "keras_accum_epoch", "k": None})
     if include_reference:
@@ -145,6 +169,12 @@ def build(config, model_name, optimizer_name, learning_rate, micro_batch,
             model_name, keras_accum.AccumulatingModel, seed=seed,
             accumulate=k,
         )
+    elif method == "keras_accum_micro":
+        model = build_model(
+            model_name, keras_accum.AccumulatingModel, seed=seed,
+            accumulate=1, micro_batch_size=micro_batch,
+        )
+        batch_size = k * micro_batch
     elif method == "keras_accum_epoch":
         model = build_model(
             model_name, keras_accum.AccumulatingModel, seed=seed,

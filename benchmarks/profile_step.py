@@ -104,8 +104,12 @@ def _profile_epoch(fitted, dataset, directory):
 
 
 def op_breakdown(model, optimizer, k, examples, micro_batch, learning_rate,
-                 repeats=3):
+                 repeats=3, configs=None):
     """Op time per micro-step of each configuration.
+
+    `configs` defaults to the library's step beside the references (the
+    forward+backward reference must be among them). A "step" is one `fit`
+    batch: for `plain_kb` and `keras_accum_micro`, k micro-batches' worth.
 
     Every configuration is profiled for one epoch `repeats` times,
     interleaved; the repeat with the least total op time is kept, since a
@@ -113,7 +117,7 @@ def op_breakdown(model, optimizer, k, examples, micro_batch, learning_rate,
     duration (the minimum is the least disturbed measurement of CPU work).
     """
     x, y = make_data(model, examples)
-    configs = [
+    configs = configs or [
         {"method": "fwd_bwd", "k": 1},
         {"method": "plain_b", "k": 1},
         {"method": "builtin", "k": k},

@@ -10,6 +10,10 @@ MEMORY_TOLERANCE = 1.10  # keras_accum at b within 10% of plain fit at b.
 MEMORY_CLEARLY_BELOW = 0.5  # ... and at most half of plain fit at k*b.
 SPEED_VS_BUILTIN = 1.0
 SPEED_VS_PLAIN_ADAM_MLP_K8 = 1.3
+# Issue 26: micro_batch_size=b at batch k*b against plain fit at k*b, and
+# against accumulate=k at b.
+MICRO_VS_PLAIN_BIG = 0.8
+MICRO_VS_ACCUMULATE = 1.0
 
 
 def _index(rows):
@@ -93,6 +97,18 @@ def compute_targets(data):
                     model, optimizer, k,
                     _speedup(rows, f"builtin_k{k}", f"keras_accum_k{k}"),
                     lambda r: r >= SPEED_VS_BUILTIN)
+    for model, by_optimizer in timing.items():
+        for optimizer, rows in by_optimizer.items():
+            for k in [k for k in ks if k >= 2]:
+                micro = f"keras_accum_micro_k{k}"
+                add("micro_batch_size=b at k*b >= 0.8x plain fit at k*b",
+                    model, optimizer, k,
+                    _speedup(rows, f"plain_kb_k{k}", micro),
+                    lambda r: r >= MICRO_VS_PLAIN_BIG)
+                add("micro_batch_size=b at k*b >= 1.0x accumulate=k at b",
+                    model, optimizer, k,
+                    _speedup(rows, f"keras_accum_k{k}", micro),
+                    lambda r: r >= MICRO_VS_ACCUMULATE)
     mlp_adam = timing.get("mlp", {}).get("adam")
     if mlp_adam and 8 in ks:
         add(">= 1.3x plain fit at b (Adam, k=8, MLP)", "mlp", "adam", 8,
@@ -129,6 +145,138 @@ def compute_targets(data):
     return targets
 
 
+def _fastest_ratio(rows, baseline_key, key):
+    """Throughput of `key` over `baseline_key` from their fastest epochs
+    (the least disturbed by other processes)."""
+    index = _index(rows)
+    baseline, row = index.get(baseline_key), index.get(key)
+    if baseline is None or row is None:
+        return None
+    return _ratio(baseline["min_epoch_s"], row["min_epoch_s"])
+
+
+def micro_batch_rows(data):
+    """Per (model, optimizer, k): `micro_batch_size=b` at batch k*b against
+    plain fit at k*b, accumulate=k at b, the built-in and plain fit at b
+    (throughput ratios, > 1: the micro-batched run is faster), and the
+    same with `jit_compile=True` where timed (TensorFlow)."""
+    rows = []
+    for model, by_optimizer in data.get("timing", {}).items():
+        for optimizer, timing_rows in by_optimizer.items():
+            index = _index(timing_rows)
+            for k in [k for k in data["settings"]["ks"] if k >= 2]:
+                micro, big = f"keras_accum_micro_k{k}", f"plain_kb_k{k}"
+                if micro not in index:
+                    continue
+                accumulate = f"keras_accum_k{k}"
+                xla = micro + "_jit"
+
+                def speed(base, key):
+                    return _speedup(timing_rows, base, key)
+
+                rows.append({
+                    "model": model, "optimizer": optimizer, "k": k,
+                    "micro_vs_plain_kb": speed(big, micro),
+                    "micro_vs_plain_kb_fastest": _fastest_ratio(
+                        timing_rows, big, micro),
+                    "micro_vs_accumulate": speed(accumulate, micro),
+                    "micro_vs_builtin": speed(f"builtin_k{k}", micro),
+                    "micro_vs_plain_b": speed("plain_b", micro),
+                    "accumulate_vs_plain_kb": speed(big, accumulate),
+                    "builtin_vs_plain_kb": speed(big, f"builtin_k{k}"),
+                    "plain_b_vs_plain_kb": speed(big, "plain_b"),
+                    "micro_xla_vs_plain_kb": speed(big, xla),
+                    "micro_xla_vs_micro": speed(micro, xla),
+                    "micro_xla_vs_micro_fastest": _fastest_ratio(
+                        timing_rows, micro, xla),
+                    "agreement": index[micro].get("agreement"),
+                    "xla_agreement": (index.get(xla) or {}).get("agreement"),
+                })
+    return rows
+
+
+def _micro_batch_section(lines, data):
+    rows = micro_batch_rows(data)
+    if not rows:
+        return
+    xla = any(row["micro_xla_vs_micro"] is not None for row in rows)
+    lines += [
+        "Throughput ratios (> 1: the first faster), each the median over "
+        "rounds of the ratio of the two epochs of one round; *fastest* is "
+        "the ratio of the two fastest epochs. `micro` is `keras_accum` "
+        "with `accumulate=1, micro_batch_size=b` at batch k*b; `accum` is "
+        "`accumulate=k` at b. Target (issue 26): micro >= 0.8x plain @ "
+        "k*b, and >= 1.0x accum. *weights* is ‖w_micro − w_plain@k*b‖ / "
+        "‖w_plain@k*b − w_0‖ after the timed epochs (same updates; float32 "
+        "round-off).",
+        "",
+        "| model | optimizer | k | micro vs plain @ k*b | (fastest) | "
+        "micro vs accum | micro vs built-in | micro vs plain @ b | "
+        "accum vs plain @ k*b | built-in vs plain @ k*b | plain @ b vs "
+        "plain @ k*b | "
+        + ("micro XLA vs micro | (fastest) | micro XLA vs plain @ k*b | "
+           if xla else "")
+        + "mem vs plain @ b | mem vs plain @ k*b | weights | target met |",
+        "|" + "---|" * (15 + (3 if xla else 0)),
+    ]
+    memory = data.get("memory", {})
+    for row in rows:
+        met = [row["micro_vs_plain_kb"], row["micro_vs_accumulate"]]
+        met = ("n/a" if None in met else
+               "yes" if met[0] >= MICRO_VS_PLAIN_BIG
+               and met[1] >= MICRO_VS_ACCUMULATE else "**no**")
+        cells = [row[key] for key in (
+            "micro_vs_plain_kb", "micro_vs_plain_kb_fastest",
+            "micro_vs_accumulate", "micro_vs_builtin", "micro_vs_plain_b",
+            "accumulate_vs_plain_kb", "builtin_vs_plain_kb",
+            "plain_b_vs_plain_kb")]
+        if xla:
+            cells += [row["micro_xla_vs_micro"],
+                      row["micro_xla_vs_micro_fastest"],
+                      row["micro_xla_vs_plain_kb"]]
+        memory_rows = memory.get(row["model"], {}).get(row["optimizer"], [])
+        micro_memory = _memory(memory_rows, f"keras_accum_micro_k{row['k']}")
+        cells += [_ratio(micro_memory, _memory(memory_rows, "plain_b")),
+                  _ratio(micro_memory,
+                         _memory(memory_rows, f"plain_kb_k{row['k']}"))]
+        agreement = (row["agreement"] or {}).get("plain_kb")
+        agreement = "n/a" if agreement is None else f"{agreement:.0e}"
+        lines.append(
+            f"| {row['model']} | {row['optimizer']} | {row['k']} | "
+            + " | ".join(_fmt(c, 2, "x") for c in cells)
+            + f" | {agreement} | {met} |"
+        )
+    lines.append("")
+
+
+def _floors_section(lines, floors):
+    if not floors:
+        lines.append("Not run.")
+        return
+    lines += [
+        "The summed gradient of k micro-batches of b against one gradient "
+        "of k*b, nothing of `fit` around it (`floors.py`): fastest call of "
+        "each, alternating in one process. Ratio = big-batch time / "
+        "micro-batched time (throughput; < 1: micro-batching slower). "
+        "*gradient* is the relative difference of the two gradients.",
+        "",
+        "| model | k | b | variant | big batch ms | k micro-batches ms | "
+        "ratio | gradient |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in floors:
+        if "error" in row:
+            lines.append(f"| {row.get('model')} | | | FAILED: "
+                         f"{_one_line(row['error'])[:200]} | | | | |")
+            continue
+        lines.append(
+            f"| {row['model']} | {row['k']} | {row['micro_batch']} | "
+            f"{row['variant']} | {row['big_batch_ms']:.1f} | "
+            f"{row['micro_batches_ms']:.1f} | {row['ratio']:.2f}x | "
+            f"{row['gradient_agreement']:.0e} |"
+        )
+
+
 def micro_step_overheads(data):
     """keras_accum's cost per micro-step over a bare forward+backward."""
     rows = []
@@ -162,11 +310,12 @@ def _timing_table(lines, model, data):
     memory = data.get("memory", {}).get(model, {})
     lines.append(
         "| optimizer | configuration | k | batch | s/epoch (median) | "
-        "s/epoch (min) | examples/s | vs built-in | vs plain@b | CPU s/epoch | "
+        "s/epoch (min) | examples/s | vs built-in | vs plain@b | "
+        "vs plain@k*b | CPU s/epoch | "
         "peak mem +MiB | mem vs plain@b | mem vs plain@k*b | foreign CPU | "
         "updates/epoch |"
     )
-    lines.append("|" + "---|" * 15)
+    lines.append("|" + "---|" * 16)
     for optimizer, rows in timing.items():
         index = _index(rows)
         memory_rows = memory.get(optimizer, [])
@@ -175,18 +324,25 @@ def _timing_table(lines, model, data):
         for row in ordered:
             key, k = row["key"], row["k"]
             vs_builtin = _speedup(rows, f"builtin_k{k}", key) if row[
-                "method"] in ("keras_accum", "plain_kb") and k and k >= 2 \
-                else None
+                "method"] in ("keras_accum", "plain_kb", "keras_accum_micro") \
+                and k and k >= 2 else None
+            vs_big = (_speedup(rows, f"plain_kb_k{k}", key)
+                      if k and k >= 2 and row["method"] != "plain_kb"
+                      else None)
             mem = _memory(memory_rows, key)
             big = (_memory(memory_rows, f"plain_kb_k{k}")
                    if k and k >= 2 and row["method"] != "plain_kb" else None)
+            label = methods.LABELS.get(row["method"], key)
+            if row["key"].endswith("_jit"):
+                label += ", jit_compile=True"
             lines.append(
-                f"| {optimizer} | {methods.LABELS.get(row['method'], key)} | "
+                f"| {optimizer} | {label} | "
                 f"{k if k is not None else 'epoch'} | {row['batch_size']} | "
                 f"{row['median_epoch_s']:.3f} | {row['min_epoch_s']:.3f} | "
                 f"{row['examples_per_s']:.0f} | "
                 f"{_fmt(vs_builtin, 2, 'x')} | "
                 f"{_fmt(_speedup(rows, 'plain_b', key), 2, 'x')} | "
+                f"{_fmt(vs_big, 2, 'x')} | "
                 f"{row['median_cpu_s']:.3f} | {_fmt(mem, 1)} | "
                 f"{_fmt(_ratio(mem, plain_memory), 2, 'x')} | "
                 f"{_fmt(_ratio(mem, big), 2, 'x')} | "
@@ -196,16 +352,16 @@ def _timing_table(lines, model, data):
         for row in rows:
             if "error" in row:
                 lines.append(f"| {optimizer} | {row['key']} | | | FAILED: "
-                             f"{_one_line(row['error'])[:150]} |" + " |" * 10)
+                             f"{_one_line(row['error'])[:150]} |" + " |" * 11)
 
 
 def _row_order(row):
     order = {"plain_b": 0, "fwd_bwd": 1, "plain_kb": 2, "builtin": 3,
-             "keras_accum": 4, "keras_accum_epoch": 5}
+             "keras_accum": 4, "keras_accum_micro": 5, "keras_accum_epoch": 6}
     k = row["k"] if row["k"] is not None else 10 ** 6
     if row["method"] in ("plain_b", "fwd_bwd"):
         k = 0
-    return (k, order.get(row["method"], 9))
+    return (k, order.get(row["method"], 9), row["key"].endswith("_jit"))
 
 
 def _targets_table(lines, targets):
@@ -406,6 +562,10 @@ def _header(data):
          f"keras_accum {machine['keras_accum']}, Python {machine['python']}"),
         f"- {machine['platform']}",
         "- keras_accum measured: " + _library_line(data.get("library")),
+        *([("- Carried over from earlier runs (not re-run by this one): "
+             + ", ".join(f"{phase} ({when})" for phase, when in
+                         data["carried_over"].items()))]
+          if data.get("carried_over") else []),
         ("- The *foreign CPU* column is the share of the machine's CPU time "
          "that other processes used during the timed epochs (median). "
          "Ratios come from configurations timed interleaved in the same "
@@ -465,7 +625,11 @@ def write_markdown(data, path):
         lines += [f"### {DESCRIPTIONS.get(model, model)}", ""]
         _timing_table(lines, model, data)
         lines.append("")
-    lines += ["## Targets", ""]
+    lines += ["## micro_batch_size=b at batch k*b", ""]
+    _micro_batch_section(lines, data)
+    lines += ["## Raw floors of micro-batching", ""]
+    _floors_section(lines, data.get("floors"))
+    lines += ["", "## Targets", ""]
     _targets_table(lines, targets)
     _overhead_section(lines, data["micro_step_overhead"])
     lines += [
@@ -568,6 +732,14 @@ def jax_section(data):
         lines += [f"### JAX: {DESCRIPTIONS.get(model, model)}", ""]
         _timing_table(lines, model, data)
         lines.append("")
+    lines += ["### JAX: micro_batch_size=b at batch k*b", ""]
+    _micro_batch_section(lines, data)
+    lines += ["### JAX: raw floors of micro-batching", ""]
+    _floors_section(lines, data.get("floors"))
+    lines += ["", "### JAX: targets", ""]
+    _targets_table(lines, [t for t in compute_targets(data)
+                           if t["target"].startswith("micro")])
+    lines.append("")
     failures = [r for rows in data.get("timing", {}).values()
                 for group in rows.values() for r in group if "error" in r]
     failures += data.get("failures", [])
@@ -725,44 +897,97 @@ README_END = "<!-- benchmark-table:end -->"
 
 
 def readme_table(data):
-    """The README's summary: keras_accum's ratios per model, optimizer, k."""
+    """The README's summary: keras_accum's ratios per model, optimizer, k,
+    then the raw floors of micro-batching."""
     from models import DESCRIPTIONS
 
     machine, settings = data["machine"], data["settings"]
+    framework = (f"JAX {machine['jax']}" if "jax" in machine
+                 else f"TensorFlow {machine.get('tensorflow')}")
+    jit = ("`jit_compile=True` (JAX's default)" if "jax" in machine else
+           "`jit_compile=False` (Keras' default on CPU; the XLA column "
+           "compiles `micro_batch_size` with `jit_compile=True`)")
     lines = [
         (f"Measured {data['generated'][:10]} by `{data['command']}`: "
          f"{machine['nproc']} CPU cores ({machine['cpu_model']}), "
-         f"{_fmt(machine['memory_gib'], 1)} GiB, no GPU; TensorFlow "
-         f"{machine['tensorflow']}, Keras {machine['keras']}; keras_accum "
-         f"commit `{(data.get('library') or {}).get('git_commit', '?')}`. "
-         f"Micro-batch b = {settings['micro_batch']}, `jit_compile=False` "
-         "(Keras' default on CPU), "
+         f"{_fmt(machine['memory_gib'], 1)} GiB, no GPU; {framework}, "
+         f"Keras {machine['keras']}; keras_accum "
+         f"commit `{(data.get('library') or {}).get('git_commit', '?')}`"
+         + (" plus uncommitted changes"
+            if (data.get("library") or {}).get("uncommitted_changes")
+            else "") + ". "
+         f"Micro-batch b = {settings['micro_batch']}, {jit}, "
          f"{settings['timing_rounds']} interleaved rounds. Speed ratios are "
          "throughput (higher is better), the median over rounds of the "
          "ratio in each round; memory ratios compare the peak "
-         "RSS increase during `fit` (lower is better). All in one run."),
+         "RSS increase during `fit` (lower is better). All in one run. "
+         "`accumulate=k` runs at batch b; `micro_batch_size=b` runs "
+         "`accumulate=1` at batch k*b, split inside the step (target: "
+         ">= 0.8x plain fit @ k*b)."),
         "",
-        "| model | optimizer | k | vs built-in | vs plain fit @ b | "
-        "memory vs plain @ b | memory vs plain @ k*b |",
-        "|---|---|---|---|---|---|---|",
+        "| model | optimizer | k | accumulate=k: vs built-in | "
+        "vs plain fit @ b | vs plain fit @ k*b | memory vs plain @ b | "
+        "memory vs plain @ k*b | micro_batch_size=b: vs plain fit @ k*b | "
+        "vs accumulate=k | "
+        + ("with XLA vs without | " if "jax" not in machine else "")
+        + "memory vs plain @ b | memory vs plain @ k*b |",
+        "|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if "jax" not in machine else "") + "---|---|",
     ]
     timing, memory = data.get("timing", {}), data.get("memory", {})
     for model, by_optimizer in timing.items():
         for optimizer, rows in by_optimizer.items():
             memory_rows = memory.get(model, {}).get(optimizer, [])
+            plain_memory = _memory(memory_rows, "plain_b")
             for k in [k for k in settings["ks"] if k >= 4]:
                 ours = f"keras_accum_k{k}"
+                micro = f"keras_accum_micro_k{k}"
+                big_memory = _memory(memory_rows, f"plain_kb_k{k}")
                 mem = _memory(memory_rows, ours)
+                micro_mem = _memory(memory_rows, micro)
                 ratios = [
                     _speedup(rows, f"builtin_k{k}", ours),
                     _speedup(rows, "plain_b", ours),
-                    _ratio(mem, _memory(memory_rows, "plain_b")),
-                    _ratio(mem, _memory(memory_rows, f"plain_kb_k{k}")),
+                    _speedup(rows, f"plain_kb_k{k}", ours),
+                    _ratio(mem, plain_memory),
+                    _ratio(mem, big_memory),
+                    _speedup(rows, f"plain_kb_k{k}", micro),
+                    _speedup(rows, ours, micro),
+                ]
+                if "jax" not in machine:
+                    ratios.append(_speedup(rows, micro, micro + "_jit"))
+                ratios += [
+                    _ratio(micro_mem, plain_memory),
+                    _ratio(micro_mem, big_memory),
                 ]
                 lines.append(
                     f"| {DESCRIPTIONS.get(model, model)} | {optimizer} | {k} | "
                     + " | ".join(_fmt(r, 2, "x") for r in ratios) + " |"
                 )
+    floors = [row for row in data.get("floors") or [] if "error" not in row]
+    if floors:
+        lines += [
+            "",
+            "Raw floors, same run: the summed gradient of k micro-batches "
+            "of b against one gradient of k*b, nothing of `fit` around it "
+            "(throughput ratio, fastest call of each, alternating):",
+            "",
+            "| model | variant | "
+            + " | ".join(f"k={k}" for k in sorted({r['k'] for r in floors}))
+            + " |",
+            "|---|---|" + "---|" * len({r["k"] for r in floors}),
+        ]
+        ks = sorted({r["k"] for r in floors})
+        seen = []
+        for row in floors:
+            if (row["model"], row["variant"]) not in seen:
+                seen.append((row["model"], row["variant"]))
+        for model, variant in seen:
+            cells = {r["k"]: r["ratio"] for r in floors
+                     if r["model"] == model and r["variant"] == variant}
+            lines.append(f"| {model} | {variant} | "
+                         + " | ".join(_fmt(cells.get(k), 2, "x") for k in ks)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,9 @@
 
 Usage (from the repository root):
 
-    python benchmarks/run.py            # full run, ~20-25 min on 2 cores
+    python benchmarks/run.py            # full run, ~25 min on 2 cores
     python benchmarks/run.py --quick    # smoke run, < 3 min
-    KERAS_BACKEND=jax python benchmarks/run.py   # JAX timing+memory, 6-15 min
+    KERAS_BACKEND=jax python benchmarks/run.py   # JAX timing+memory+floors, ~28 min
 
 The full run writes `benchmarks/results.md` and `benchmarks/results/`; the
 quick run writes to `benchmarks/results/tmp/quick/` unless `--out` is given.
@@ -36,10 +36,11 @@ import isolation
 # Nothing that imports keras_accum is imported at module level: the package
 # is snapshotted first (see `snapshot_library`), then imported from the copy.
 
-PHASES = ("timing", "memory", "exactness", "distributed", "profile")
-# On JAX timing and memory run: the others use TensorFlow's profiler,
-# `tf.distribute` and `tf.data`.
-JAX_PHASES = ("timing", "memory")
+PHASES = ("timing", "memory", "floors", "exactness", "distributed",
+          "profile")
+# On JAX timing, memory and floors run: the others use TensorFlow's
+# profiler, `tf.distribute` and `tf.data`.
+JAX_PHASES = ("timing", "memory", "floors")
 
 
 def snapshot_library():
@@ -110,6 +111,13 @@ def _settings(quick):
             "memory_warmup_epochs": config.JAX_MEMORY_WARMUP_EPOCHS,
             "memory_optimizers": list(config.JAX_MEMORY_OPTIMIZERS),
             "memory_ks": list(config.JAX_MEMORY_KS),
+            "memory_micro_ks": list(config.JAX_MEMORY_MICRO_KS),
+            "floors": {
+                "models": list(config.JAX_MODELS),
+                "ks": list(config.JAX_KS),
+                "micro_batch": config.JAX_MICRO_BATCH,
+                "rounds": config.FLOORS_ROUNDS,
+            },
         }
     return {
         "mode": "quick" if quick else "full",
@@ -128,6 +136,19 @@ def _settings(quick):
         "memory_epochs": (
             config.QUICK_MEMORY_EPOCHS if quick else config.FULL_MEMORY_EPOCHS
         ),
+        "micro_xla_models": list(
+            config.QUICK_MICRO_XLA_MODELS if quick
+            else config.MICRO_XLA_MODELS
+        ),
+        "floors": {
+            "models": list(
+                config.QUICK_MODELS if quick else config.FULL_MODELS
+            ),
+            "ks": [k for k in (config.QUICK_KS if quick else config.FULL_KS)
+                   if k >= 2],
+            "micro_batch": config.MICRO_BATCH,
+            "rounds": 1 if quick else config.FLOORS_ROUNDS,
+        },
         "distributed": {
             "devices": config.DISTRIBUTED_DEVICES,
             "k": config.DISTRIBUTED_K,
@@ -226,6 +247,31 @@ class Runner:
             "failures": [],
         }
 
+    def carry_over(self, phases):
+        """Keeps the sections of the phases not run from the previous
+        `benchmark.json` at the same place, marked as carried over, so that
+        a run of some phases does not drop the others' results."""
+        if not os.path.exists(self.json_path):
+            return
+        with open(self.json_path) as handle:
+            previous = json.load(handle)
+        if previous.get("settings", {}).get("mode") != self.settings["mode"]:
+            return
+        sections = {"timing": ["timing"],
+                    "memory": ["memory", "memory_isolation_check"],
+                    "floors": ["floors"], "exactness": ["exactness"],
+                    "distributed": ["distributed"], "profile": ["profile"]}
+        carried = {}
+        for phase, keys in sections.items():
+            if phase in phases:
+                continue
+            for key in keys:
+                if key in previous:
+                    self.data[key] = previous[key]
+                    carried[phase] = previous.get("generated")
+        if carried:
+            self.data["carried_over"] = carried
+
     def log(self, message):
         elapsed = time.monotonic() - self.started
         print(f"[{elapsed:7.1f} s] {message}", flush=True)
@@ -250,6 +296,8 @@ class Runner:
 
     def run(self, phases):
         self.started = time.monotonic()
+        if self.args.keep_other_phases:
+            self.carry_over(phases)
         for phase in phases:
             phase_started = time.monotonic()
             self.log(f"phase {phase}")
@@ -276,13 +324,22 @@ class Runner:
             for optimizer in optimizers or self.settings["optimizers"]:
                 yield model, optimizer
 
-    def _timing_configs(self):
-        """`None` (every configuration) on TensorFlow; on JAX the compared
-        methods only, each configuration costing an XLA compilation."""
-        if self.settings["mode"] != "jax":
-            return None
+    def _timing_configs(self, model):
+        """Every configuration on TensorFlow, `micro_batch_size` with
+        `jit_compile=True` too for the models in `micro_xla_models`; on JAX
+        the compared methods only, each configuration costing an XLA
+        compilation."""
         import methods
 
+        if self.settings["mode"] != "jax":
+            return methods.configurations(
+                self.settings["ks"],
+                # The forward+backward reference and XLA on TensorFlow.
+                include_reference=BACKEND != "jax",
+                include_micro_xla=BACKEND != "jax" and (
+                    model in self.settings.get("micro_xla_models", ())
+                ),
+            )
         return methods.configurations(
             self.settings["ks"], include_reference=False, include_epoch=False
         )
@@ -300,7 +357,7 @@ class Runner:
                 "micro_batch": self.settings["micro_batch"],
                 "learning_rate": config.LEARNING_RATES[optimizer],
                 "jit_compile": self.settings["jit_compile"],
-                "configs": self._timing_configs(),
+                "configs": self._timing_configs(model),
             })
             timing_results.setdefault(model, {})[optimizer] = rows or []
             self.save()
@@ -321,6 +378,11 @@ class Runner:
                     include_reference=False,
                     include_epoch=False,
                 )
+                # At larger k, only the big batch and micro_batch_size.
+                for k in self.settings.get("memory_micro_ks", []):
+                    if k not in self.settings.get("memory_ks", []):
+                        configs += [{"method": "plain_kb", "k": k},
+                                    {"method": "keras_accum_micro", "k": k}]
             else:
                 configs = methods.configurations(self.settings["ks"])
             self.log(f"  memory {model}/{optimizer}: {len(configs)} "
@@ -376,6 +438,19 @@ class Runner:
                 })
         self.data["memory_isolation_check"] = checks
 
+    def phase_floors(self):
+        settings = self.settings["floors"]
+        rows = []
+        for model in settings["models"]:
+            self.log(f"  floors {model}")
+            rows += self.child("floors", "measure_floors", {
+                "model": model,
+                "ks": settings["ks"],
+                "micro_batch": settings["micro_batch"],
+                "rounds": settings["rounds"],
+            }) or [{"model": model, "error": "failed (see Failures)"}]
+        self.data["floors"] = rows
+
     def phase_exactness(self):
         settings = self.settings["exactness"]
         self.data["exactness"] = self.child("exactness", "measure_exactness", {
@@ -424,11 +499,13 @@ class Runner:
 
 
 def readme_path(args, quick):
-    """The README whose benchmark table a run rewrites: only a full run
-    written into the repository's `benchmarks/` updates it."""
-    if quick or BACKEND == "jax" or os.path.abspath(args.out) != HERE:
+    """The page whose benchmark table a run rewrites (docs/benchmarks.md):
+    only a full run written into the repository's `benchmarks/` updates
+    it."""
+    if (quick or BACKEND == "jax" or os.path.abspath(args.out) != HERE
+            or getattr(args, "no_readme", False)):
         return None
-    return os.path.join(os.path.dirname(HERE), "README.md")
+    return os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
 
 
 def main(argv=None):
@@ -450,6 +527,13 @@ def main(argv=None):
     phases = JAX_PHASES if BACKEND == "jax" else PHASES
     parser.add_argument("--phases", default=",".join(phases),
                         help=f"comma-separated subset of {','.join(phases)}")
+    parser.add_argument("--keep-other-phases", action="store_true",
+                        help="with --phases: keep the other phases' results "
+                             "from the existing results/benchmark.json "
+                             "(marked as carried over)")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not rewrite the benchmark table of "
+                             "docs/benchmarks.md")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.md and plots from the JSON")
     args = parser.parse_args(argv)
@@ -484,6 +568,7 @@ def main(argv=None):
         import keras  # noqa: F401
         import timing  # noqa: F401
 
+        import floors  # noqa: F401
         import memory  # noqa: F401
         import keras_accum  # noqa: F401
 

@@ -112,6 +112,8 @@ def time_group(model, optimizer, ks, examples, rounds, micro_batch,
                 entry.update(
                     model=fitted, batch_size=batch_size, timer=EpochTimer()
                 )
+                if config["method"] in _AGREEMENT_METHODS:
+                    entry["initial_weights"] = fitted.get_weights()
                 updates_before = _updates(fitted)
                 started = time.perf_counter()
                 _fit_one_epoch(entry, datasets)
@@ -127,7 +129,50 @@ def time_group(model, optimizer, ks, examples, rounds, micro_batch,
         shift = round_index % max(len(entries), 1)
         for entry in entries[shift:] + entries[:shift]:
             _fit_one_epoch(entry, datasets)
-    return [_summary(entry, examples) for entry in entries] + failures
+    summaries = [_summary(entry, examples) for entry in entries]
+    _add_agreement(entries, summaries)
+    return summaries + failures
+
+
+# Configurations whose trained weights are compared with a reference that
+# made the same updates: `keras_accum_micro` with plain fit at k*b, and an
+# XLA configuration with the same one without XLA.
+_AGREEMENT_METHODS = ("plain_kb", "keras_accum_micro")
+
+
+def _add_agreement(entries, summaries):
+    """Adds `agreement` to the summaries of the `keras_accum_micro` rows:
+    after the same epochs on the same batches, the distance of their
+    weights from those of plain fit at k*b (and, for an XLA row, from the
+    same configuration without XLA), relative to the total change of the
+    reference's weights, ‖w - w_ref‖ / ‖w_ref - w_0‖ over all weights.
+    A check that the timed configurations did the same training (float32
+    round-off gives ~1e-6..1e-4), not an exactness test."""
+    import numpy as np
+
+    by_key = {entry["key"]: entry for entry in entries}
+    for entry, summary in zip(entries, summaries):
+        if entry["config"]["method"] != "keras_accum_micro":
+            continue
+        references = {"plain_kb": f"plain_kb_k{entry['config']['k']}"}
+        if entry["config"].get("jit"):
+            references["without_xla"] = entry["key"].removesuffix("_jit")
+        weights = entry["model"].get_weights()
+        agreement = {}
+        for name, key in references.items():
+            reference = by_key.get(key)
+            if reference is None:
+                continue
+            reference_weights = reference["model"].get_weights()
+            difference = np.sqrt(sum(
+                np.sum((np.asarray(a, "float64") - b) ** 2)
+                for a, b in zip(weights, reference_weights)))
+            update = np.sqrt(sum(
+                np.sum((np.asarray(b, "float64") - w0) ** 2)
+                for b, w0 in zip(reference_weights,
+                                 reference["initial_weights"])))
+            agreement[name] = float(difference / max(update, 1e-30))
+        summary["agreement"] = agreement
 
 
 def _updates(model):

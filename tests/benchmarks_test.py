@@ -36,12 +36,17 @@ def test_quick_benchmark_writes_results(tmp_path):
     with open(tmp_path / "results" / "benchmark.json") as handle:
         data = json.load(handle)
     assert data["settings"]["mode"] == "quick"
-    for section in ("machine", "timing", "memory", "exactness",
+    for section in ("machine", "timing", "memory", "floors", "exactness",
                     "distributed", "profile", "targets"):
         assert section in data, section
     keys = {row["key"] for row in data["timing"]["mlp"]["adam"]}
+    # Issue 26: micro_batch_size at k*b, with and without XLA on TF.
     assert {"plain_b", "builtin_k8", "keras_accum_k8",
-            "keras_accum_epoch"} <= keys
+            "keras_accum_epoch", "keras_accum_micro_k8",
+            "keras_accum_micro_k8_jit"} <= keys
+    assert {row["variant"] for row in data["floors"]} == {
+        "tf: tf.while_loop (no XLA)", "tf: tf.while_loop (jit_compile=True)"
+    }
 
     # The README's table is written by the benchmark's own report code.
     sys.path.insert(0, os.path.join(REPOSITORY, "benchmarks"))
@@ -57,6 +62,7 @@ def test_quick_benchmark_writes_results(tmp_path):
     text = readme.read_text()
     assert "old table" not in text
     assert "| MLP 784-1024-512-10 (ReLU) | adam | 8 |" in text
+    assert "micro_batch_size=b: vs plain fit @ k*b" in text
     assert text.startswith("intro\n") and text.endswith(
         f"{report.README_END}\nend\n"
     )
