@@ -98,11 +98,6 @@ class Split(collections.namedtuple("Split", ["size", "full", "remainder"])):
         full, remainder = divmod(batch_size, micro_batch_size)
         return cls(micro_batch_size, full, remainder)
 
-    @property
-    def count(self):
-        """Micro-batches in the batch."""
-        return self.full + int(self.remainder > 0)
-
 
 def candidates(batch_size):
     """The micro-batch sizes `"auto"` tries for a batch, largest first:

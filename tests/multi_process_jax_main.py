@@ -29,10 +29,6 @@ LOCAL_BATCH = 8
 SHARD = 46
 EPOCHS = 2
 
-VOCABULARY = 20
-LENGTH = 12
-CLASSES = 3
-
 # Model arguments of each case. A new `AccumulatingModel` argument (such as
 # `micro_batch_size`) is one more entry.
 CASES = {
@@ -50,23 +46,16 @@ NAIVE_ACCUMULATE = 4
 
 
 def padded_sequences():
-    """All processes' examples: token ids padded with 0, and labels.
+    """All processes' examples: `normalisation_test`'s token ids padded
+    with 0, and labels, imported once Keras is configured.
 
     Sorted by length: process 0's shard holds the short sequences, process
     1's the long ones, so the processes' valid-token counts differ at every
     step (and the steps' counts differ too).
     """
-    import numpy as np
+    from tests import normalisation_test
 
-    rng = np.random.default_rng(0)
-    n = PROCESSES * SHARD
-    lengths = np.sort(rng.integers(1, LENGTH + 1, size=n))
-    tokens = np.zeros((n, LENGTH), "int32")
-    labels = np.zeros((n, LENGTH), "int32")
-    for row, length in enumerate(lengths):
-        tokens[row, :length] = rng.integers(1, VOCABULARY, size=length)
-        labels[row, :length] = rng.integers(0, CLASSES, size=length)
-    return tokens, labels
+    return normalisation_test.padded_sequences(n=PROCESSES * SHARD, seed=0)
 
 
 def shard(process_id):

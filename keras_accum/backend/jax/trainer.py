@@ -378,18 +378,19 @@ class JAXAccumulationTrainer:
         if micro_batch_size is None or micro_batch_size >= batch // devices:
             carry, logs = micro_batch(carry, data, first)
         else:
+            # At least one full micro-batch: the size is below the shard's.
             split = micro_batches.Split.of(batch // devices, micro_batch_size)
-            if split.full:
-                carry, logs = self._scan_micro_batches(
-                    micro_batch, carry,
-                    jax_micro_batches.full_micro_batches(data, devices, split),
-                    first, split.full,
-                )
+            carry, logs = self._scan_micro_batches(
+                micro_batch, carry,
+                jax_micro_batches.full_micro_batches(data, devices, split),
+                first, split.full,
+            )
             if split.remainder:
+                # After a full one, so it never starts a window.
                 carry, logs = micro_batch(
                     carry,
                     jax_micro_batches.last_micro_batch(data, devices, split),
-                    jnp.logical_and(first, split.full == 0),
+                    jnp.zeros((), bool),
                 )
         non_trainable, metrics, window = carry
         return window._replace(mini_step=count), non_trainable, metrics, logs

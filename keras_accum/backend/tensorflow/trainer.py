@@ -68,8 +68,8 @@ class TensorFlowAccumulationTrainer:
         # variable either branch writes through the cluster: each micro-step
         # would copy the weights, the optimizer slots and the accumulators.
         # Instead the batch's accumulation and the window update are two
-        # XLA functions,
-        # with the condition between them in the ordinary graph.
+        # XLA functions, with the condition between them in the ordinary
+        # graph.
         functions.xla_batch_step = tf.function(
             self._accumulate_batch, jit_compile=True, reduce_retracing=True
         )
@@ -133,55 +133,57 @@ class TensorFlowAccumulationTrainer:
 
     def _accumulate_batch(self, data):
         """Adds one `fit` batch to the window: the step without the
-        window's update. Returns the logs.
-
-        With `micro_batch_size`, this replica's batch is split: the first
-        micro-batch runs on its own (on the first trace it builds whatever
-        the model builds lazily, which a loop body may not), the full ones
-        after it under one `tf.while_loop` (one micro-batch's activations
-        live at a time), and the shorter last one, if any, under a
-        `tf.cond`. Their sizes are shape arithmetic, so under XLA they are
-        compile-time constants.
-        """
-        size = self._micro_batch_size
-        if size is None:
+        window's update. Returns the logs."""
+        if self._micro_batch_size is None:
             logs = self._micro_step(data)
         else:
-            self._check_micro_batches_per_replica()
-            split = tf_micro_batches.Split(data, size)
-            logs = self._micro_step(split.first())
-            if split.has_more():
-
-                stack = split.full_micro_batches()
-
-                def full_micro_batch(index):
-                    self._micro_step(
-                        split.micro_batch(stack, index), first=False
-                    )
-                    return index + 1
-
-                if not split.is_static or split.full:
-                    tf.while_loop(
-                        lambda index: index < split.full,
-                        full_micro_batch,
-                        [tf.constant(0)],
-                        parallel_iterations=1,
-                    )
-                # Sliced outside the `tf.cond`, where XLA knows its size.
-                last = split.last()
-
-                def last_micro_batch():
-                    self._micro_step(last, first=False)
-                    return tf.no_op()
-
-                if not split.is_static:
-                    tf.cond(split.remainder > 0, last_micro_batch, tf.no_op)
-                elif split.remainder:
-                    last_micro_batch()
-                logs = self.get_metrics_result()
-                if distribute.is_multi_worker(self.distribute_strategy):
-                    logs = distribute.rank_one_logs(logs)
+            logs = self._accumulate_micro_batches(data)
         self._accumulator.count_micro_batch()
+        return logs
+
+    def _accumulate_micro_batches(self, data):
+        """Adds one `fit` batch in micro-batches of `micro_batch_size`.
+        Returns the logs.
+
+        This replica's batch is split: the first micro-batch runs on its
+        own (on the first trace it builds whatever the model builds lazily,
+        which a loop body may not), the full ones after it under one
+        `tf.while_loop` (one micro-batch's activations live at a time), and
+        the shorter last one, if any, under a `tf.cond`. Their sizes are
+        shape arithmetic, so under XLA they are compile-time constants.
+        """
+        self._check_micro_batches_per_replica()
+        split = tf_micro_batches.Split(data, self._micro_batch_size)
+        logs = self._micro_step(split.first())
+        if not split.has_more():
+            return logs
+        stack = split.full_micro_batches()
+
+        def full_micro_batch(index):
+            self._micro_step(split.micro_batch(stack, index), first=False)
+            return index + 1
+
+        if not split.is_static or split.full:
+            tf.while_loop(
+                lambda index: index < split.full,
+                full_micro_batch,
+                [tf.constant(0)],
+                parallel_iterations=1,
+            )
+        # Sliced outside the `tf.cond`, where XLA knows its size.
+        last = split.last()
+
+        def last_micro_batch():
+            self._micro_step(last, first=False)
+            return tf.no_op()
+
+        if not split.is_static:
+            tf.cond(split.remainder > 0, last_micro_batch, tf.no_op)
+        elif split.remainder:
+            last_micro_batch()
+        logs = self.get_metrics_result()
+        if distribute.is_multi_worker(self.distribute_strategy):
+            logs = distribute.rank_one_logs(logs)
         return logs
 
     def _check_micro_batches_per_replica(self):
