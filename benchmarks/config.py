@@ -100,3 +100,28 @@ QUICK_MICRO_XLA_MODELS = ("mlp",)
 JAX_MEMORY_MICRO_KS = (8, 32)
 # Raw floors (floors.py): alternating rounds per (model, k, variant).
 FLOORS_ROUNDS = 3
+
+# PyTorch (`KERAS_BACKEND=torch python benchmarks/run.py`): timing and
+# memory (floors, exactness, distributed and profile use TensorFlow's or
+# JAX's tools). Keras' torch trainer runs each step eagerly
+# (`jit_compile=False`, its default; `True` would be `torch.compile`).
+# Same models, optimizers, k and micro-batch as the JAX run.
+TORCH_MODELS = ("mlp", "convnet", "transformer")
+TORCH_OPTIMIZERS = ("sgd", "adam")
+TORCH_KS = (4, 8, 32)
+TORCH_MICRO_BATCH = 16
+TORCH_EXAMPLES = {"mlp": 512, "convnet": 512, "transformer": 512}
+# Eager steps are short and every configuration costs no compilation, so
+# more rounds than on JAX for the same run time.
+TORCH_TIMING_ROUNDS = 7
+# Intra-op threads of every torch process (set as `OMP_NUM_THREADS` before
+# torch is imported). With torch's default (one per core) on a shared
+# 2-core machine under a load of ~8, OpenMP's worker threads spin against
+# the other processes: an MLP epoch took 3.9 s with 2 threads and 0.45 s
+# with 1, and its spread swamped the differences measured here.
+TORCH_THREADS = 1
+# Memory on torch: one fresh (forked) process per configuration, every k;
+# no warm-up epoch (nothing is compiled), as on TensorFlow.
+TORCH_MEMORY_KS = (4, 8, 32)
+TORCH_MEMORY_EPOCHS = 1
+TORCH_MEMORY_WARMUP_EPOCHS = 0

@@ -34,7 +34,6 @@ from models import build_model
 from models import loss
 from models import make_data
 
-
 SLOW_S = 1.0
 
 

@@ -673,72 +673,121 @@ def write_markdown(data, path):
         lines.append(f"- `{where}` ({context}): "
                      f"{_one_line(failure['error'])[:600]}")
     lines.append("")
-    lines += _kept_jax_section(path)
+    lines += _kept_backend_sections(path)
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
 
 
-JAX_START = "<!-- jax-timing:start (written by KERAS_BACKEND=jax run.py) -->"
-JAX_END = "<!-- jax-timing:end -->"
+# The sections of `results.md` that a run on another backend writes, each
+# between its markers: (start, end, the framework's name).
+BACKEND_SECTIONS = {
+    "jax": ("<!-- jax-timing:start (written by KERAS_BACKEND=jax run.py) -->",
+            "<!-- jax-timing:end -->", "JAX"),
+    "torch": ("<!-- torch-timing:start (written by KERAS_BACKEND=torch "
+              "run.py) -->", "<!-- torch-timing:end -->", "PyTorch"),
+}
+JAX_START, JAX_END, _ = BACKEND_SECTIONS["jax"]
 
 
-def _kept_jax_section(path):
-    """The JAX section of an existing `results.md`, which a TensorFlow run
-    keeps (and a JAX run replaces)."""
+def _kept_backend_sections(path):
+    """The JAX and torch sections of an existing `results.md`, which a
+    TensorFlow run keeps (and a run on that backend replaces)."""
     if not os.path.exists(path):
         return []
     with open(path) as handle:
         text = handle.read()
-    start, end = text.find(JAX_START), text.find(JAX_END)
-    if start < 0 or end < start:
-        return []
-    return [text[start:end + len(JAX_END)], ""]
+    kept = []
+    for start_marker, end_marker, _ in BACKEND_SECTIONS.values():
+        start, end = text.find(start_marker), text.find(end_marker)
+        if start >= 0 and end > start:
+            kept += [text[start:end + len(end_marker)], ""]
+    return kept
 
 
-def jax_section(data):
-    """The JAX backend's timing tables, as Markdown lines."""
+def _backend(data):
+    return data["machine"].get("backend", "tensorflow")
+
+
+def _setup_paragraph(data):
+    """How a JAX or torch run timed and measured, in one paragraph."""
+    settings = data["settings"]
+    if _backend(data) == "jax":
+        input_and_compile = (
+            "NumPy arrays given to `fit` (no `tf.data`), `jit_compile=True` "
+            "(JAX's default)")
+        warmup = (f"after {settings.get('memory_warmup_epochs', 0)} warm-up "
+                  "epoch(s) in an earlier `fit` (XLA compiles the step "
+                  "there, so compilation is not counted)")
+        missing = ("No `fwd_bwd` reference and no exactness, distributed or "
+                   "profile phases: those use TensorFlow.")
+    else:
+        input_and_compile = (
+            "NumPy arrays given to `fit` (no `tf.data`), eager steps "
+            "(`jit_compile=False`, Keras' default on torch), "
+            f"{data['machine'].get('torch_threads', '?')} intra-op thread "
+            "(`OMP_NUM_THREADS`, see `config.TORCH_THREADS`)")
+        warmup = ("with no warm-up `fit` (nothing is compiled: optimizer "
+                  "slots and accumulators made during the `fit` count, as "
+                  "on TensorFlow)")
+        missing = ("No `fwd_bwd` reference, floors, exactness, distributed "
+                   "or profile phases: those use TensorFlow's or JAX's "
+                   "tools.")
+    return (
+        f"Same method as the TensorFlow run (one process per group, 1 "
+        f"warm-up epoch, then {settings['timing_rounds']} interleaved "
+        "rounds, median; speed ratios per round, median), "
+        f"micro-batch b = {settings['micro_batch']}, examples per epoch "
+        f"{settings['examples']}, {input_and_compile}. Memory: one "
+        "fresh (forked) process per configuration for optimizers "
+        f"{settings.get('memory_optimizers')} and k in "
+        f"{settings.get('memory_ks')}; peak RSS during one `fit` of "
+        f"{settings.get('memory_epochs')} epoch minus RSS just before it, "
+        f"{warmup}; n/a elsewhere. {missing}")
+
+
+def backend_section(data):
+    """The timing tables of a JAX or torch run, as Markdown lines."""
     from models import DESCRIPTIONS
 
     machine, settings = data["machine"], data["settings"]
+    backend = _backend(data)
+    start_marker, end_marker, name = BACKEND_SECTIONS[backend]
     lines = [
-        JAX_START,
-        "## JAX backend (timing and memory)",
+        start_marker,
+        f"## {name} backend (timing and memory)",
         "",
-        (f"Generated {data['generated']} by `KERAS_BACKEND=jax "
+        (f"Generated {data['generated']} by `KERAS_BACKEND={backend} "
          f"{data['command']}` ({settings['mode']} mode, "
          f"{data['durations_s'].get('total', 0):.0f} s): "
          f"{machine['nproc']} CPU cores ({machine['cpu_model']}), no GPU; "
-         f"JAX {machine['jax']}, Keras {machine['keras']}; keras_accum "
+         f"{name} {machine[backend]}, Keras {machine['keras']}; keras_accum "
          f"measured: {_library_line(data.get('library'))}."),
         "",
-        (f"Same method as above (one process per group, 1 warm-up epoch, "
-         f"then {settings['timing_rounds']} interleaved rounds, median; "
-         "speed ratios per round, median), "
-         f"micro-batch b = {settings['micro_batch']}, examples per epoch "
-         f"{settings['examples']}, NumPy arrays given to `fit` (no "
-         "`tf.data`), `jit_compile=True` (JAX's default). Memory: one "
-         "fresh (forked) process per configuration for optimizers "
-         f"{settings.get('memory_optimizers')} and k in "
-         f"{settings.get('memory_ks')}; peak RSS during one `fit` of "
-         f"{settings.get('memory_epochs')} epoch minus RSS just before it, "
-         f"after {settings.get('memory_warmup_epochs', 0)} warm-up epoch(s) "
-         "in an earlier `fit` (XLA compiles the step there, so compilation "
-         "is not counted); n/a elsewhere. No `fwd_bwd` reference and no "
-         "exactness, distributed or profile phases: those use TensorFlow."),
+        _setup_paragraph(data),
         "",
     ]
+    if backend == "torch":
+        lines += ["### PyTorch: summary", "",
+                  *readme_table(data).rstrip("\n").split("\n"), ""]
     lines += _state_table(data)
     for model in settings["models"]:
-        lines += [f"### JAX: {DESCRIPTIONS.get(model, model)}", ""]
+        lines += [f"### {name}: {DESCRIPTIONS.get(model, model)}", ""]
         _timing_table(lines, model, data)
         lines.append("")
-    lines += ["### JAX: micro_batch_size=b at batch k*b", ""]
+    lines += [f"### {name}: micro_batch_size=b at batch k*b", ""]
     _micro_batch_section(lines, data)
-    lines += ["### JAX: raw floors of micro-batching", ""]
-    _floors_section(lines, data.get("floors"))
-    lines += ["", "### JAX: targets", ""]
-    _targets_table(lines, [t for t in compute_targets(data)
-                           if t["target"].startswith("micro")])
+    if backend == "jax":
+        lines += ["### JAX: raw floors of micro-batching", ""]
+        _floors_section(lines, data.get("floors"))
+        lines.append("")
+    targets = compute_targets(data)
+    if backend == "jax":
+        targets = [t for t in targets if t["target"].startswith("micro")]
+    # No `accumulate="epoch"` rows on JAX or torch.
+    targets = [t for t in targets
+               if t["k"] != "epoch" or t["measured"] is not None]
+    lines += ["", f"### {name}: targets", ""]
+    _targets_table(lines, targets)
     lines.append("")
     failures = [r for rows in data.get("timing", {}).values()
                 for group in rows.values() for r in group if "error" in r]
@@ -746,8 +795,13 @@ def jax_section(data):
     for failure in failures:
         lines.append(f"- FAILED `{failure.get('key') or failure.get('function')}`"
                      f": {_one_line(failure['error'])[:600]}")
-    lines.append(JAX_END)
+    lines.append(end_marker)
     return lines
+
+
+def jax_section(data):
+    """The JAX backend's timing tables, as Markdown lines."""
+    return backend_section(data)
 
 
 def _state_table(data):
@@ -761,6 +815,27 @@ def _state_table(data):
     ]
     if not rows:
         return []
+    if not any(row.get("step") for _, _, row, _ in rows):
+        # torch: no compiled step to analyse.
+        lines = [
+            "Memory per configuration: the training state (model and "
+            "optimizer variables, accumulators included) and the "
+            "process's peak RSS increase during the measured `fit`. "
+            "All MiB.",
+            "",
+            "| model | optimizer | configuration | state | peak RSS + | "
+            "peak RSS + vs plain @ b |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, optimizer, row, plain in rows:
+            lines.append(
+                f"| {model} | {optimizer} | {row['key']} | "
+                f"{row['state_mib']:.2f} | {row['fit_increase_mib']:.1f} | "
+                + _fmt(_ratio(row["fit_increase_mib"],
+                              (plain or {}).get("fit_increase_mib")),
+                       2, "x") + " |"
+            )
+        return lines + [""]
     lines = [
         "Memory per configuration: the training state (model and optimizer "
         "variables, accumulators included); XLA's analysis of the compiled "
@@ -787,20 +862,25 @@ def _state_table(data):
     return lines + [""]
 
 
-def write_jax_section(data, path):
-    """Replaces (or appends) the JAX section of `results.md`."""
+def write_backend_section(data, path):
+    """Replaces (or appends) the section of `results.md` of the backend
+    that produced `data` (JAX or torch)."""
     text = ""
     if os.path.exists(path):
         with open(path) as handle:
             text = handle.read()
-    section = "\n".join(jax_section(data))
-    start, end = text.find(JAX_START), text.find(JAX_END)
+    start_marker, end_marker, _ = BACKEND_SECTIONS[_backend(data)]
+    section = "\n".join(backend_section(data))
+    start, end = text.find(start_marker), text.find(end_marker)
     if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(JAX_END):]
+        text = text[:start] + section + text[end + len(end_marker):]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(path, "w") as handle:
         handle.write(text)
+
+
+write_jax_section = write_backend_section
 
 
 def write_plots(data, results_dir):
@@ -902,11 +982,20 @@ def readme_table(data):
     from models import DESCRIPTIONS
 
     machine, settings = data["machine"], data["settings"]
-    framework = (f"JAX {machine['jax']}" if "jax" in machine
-                 else f"TensorFlow {machine.get('tensorflow')}")
-    jit = ("`jit_compile=True` (JAX's default)" if "jax" in machine else
-           "`jit_compile=False` (Keras' default on CPU; the XLA column "
-           "compiles `micro_batch_size` with `jit_compile=True`)")
+    backend = _backend(data)
+    xla_column = backend == "tensorflow"
+    framework = {
+        "jax": f"JAX {machine.get('jax')}",
+        "torch": f"PyTorch {machine.get('torch')}",
+    }.get(backend, f"TensorFlow {machine.get('tensorflow')}")
+    jit = {
+        "jax": "`jit_compile=True` (JAX's default)",
+        "torch": ("eager steps (`jit_compile=False`, Keras' default on "
+                  f"torch), {machine.get('torch_threads', '?')} intra-op "
+                  "thread"),
+    }.get(backend, "`jit_compile=False` (Keras' default on CPU; the XLA "
+                   "column compiles `micro_batch_size` with "
+                   "`jit_compile=True`)")
     lines = [
         (f"Measured {data['generated'][:10]} by `{data['command']}`: "
          f"{machine['nproc']} CPU cores ({machine['cpu_model']}), "
@@ -929,10 +1018,10 @@ def readme_table(data):
         "vs plain fit @ b | vs plain fit @ k*b | memory vs plain @ b | "
         "memory vs plain @ k*b | micro_batch_size=b: vs plain fit @ k*b | "
         "vs accumulate=k | "
-        + ("with XLA vs without | " if "jax" not in machine else "")
+        + ("with XLA vs without | " if xla_column else "")
         + "memory vs plain @ b | memory vs plain @ k*b |",
         "|---|---|---|---|---|---|---|---|---|---|"
-        + ("---|" if "jax" not in machine else "") + "---|---|",
+        + ("---|" if xla_column else "") + "---|---|",
     ]
     timing, memory = data.get("timing", {}), data.get("memory", {})
     for model, by_optimizer in timing.items():
@@ -954,7 +1043,7 @@ def readme_table(data):
                     _speedup(rows, f"plain_kb_k{k}", micro),
                     _speedup(rows, ours, micro),
                 ]
-                if "jax" not in machine:
+                if xla_column:
                     ratios.append(_speedup(rows, micro, micro + "_jit"))
                 ratios += [
                     _ratio(micro_mem, plain_memory),

@@ -5,6 +5,7 @@ Usage (from the repository root):
     python benchmarks/run.py            # full run, ~25 min on 2 cores
     python benchmarks/run.py --quick    # smoke run, < 3 min
     KERAS_BACKEND=jax python benchmarks/run.py   # JAX timing+memory+floors, ~28 min
+    KERAS_BACKEND=torch python benchmarks/run.py # PyTorch timing+memory
 
 The full run writes `benchmarks/results.md` and `benchmarks/results/`; the
 quick run writes to `benchmarks/results/tmp/quick/` unless `--out` is given.
@@ -33,6 +34,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import config
 import isolation
 
+if BACKEND == "torch":
+    # Before torch is imported, here and in spawned children (config.py).
+    os.environ.setdefault("OMP_NUM_THREADS", str(config.TORCH_THREADS))
+
 # Nothing that imports keras_accum is imported at module level: the package
 # is snapshotted first (see `snapshot_library`), then imported from the copy.
 
@@ -41,6 +46,10 @@ PHASES = ("timing", "memory", "floors", "exactness", "distributed",
 # On JAX timing, memory and floors run: the others use TensorFlow's
 # profiler, `tf.distribute` and `tf.data`.
 JAX_PHASES = ("timing", "memory", "floors")
+# On torch timing and memory: the floors are `lax.scan` and
+# `tf.while_loop` programs.
+TORCH_PHASES = ("timing", "memory")
+BACKEND_PHASES = {"jax": JAX_PHASES, "torch": TORCH_PHASES}
 
 
 def snapshot_library():
@@ -119,6 +128,26 @@ def _settings(quick):
                 "rounds": config.FLOORS_ROUNDS,
             },
         }
+    if BACKEND == "torch" and not quick:
+        return {
+            "mode": "torch",
+            "micro_batch": config.TORCH_MICRO_BATCH,
+            "ks": list(config.TORCH_KS),
+            "models": list(config.TORCH_MODELS),
+            "optimizers": list(config.TORCH_OPTIMIZERS),
+            "learning_rates": config.LEARNING_RATES,
+            "examples": config.TORCH_EXAMPLES,
+            "timing_rounds": config.TORCH_TIMING_ROUNDS,
+            "jit_compile": False,
+            "timing_configs": "plain_b, plain_kb, builtin, keras_accum, "
+                              "keras_accum_micro",
+            "memory_epochs": config.TORCH_MEMORY_EPOCHS,
+            "memory_warmup_epochs": config.TORCH_MEMORY_WARMUP_EPOCHS,
+            "memory_optimizers": list(config.TORCH_OPTIMIZERS),
+            "memory_ks": list(config.TORCH_MEMORY_KS),
+            "memory_micro_ks": [],
+            "torch_threads": config.TORCH_THREADS,
+        }
     return {
         "mode": "quick" if quick else "full",
         "micro_batch": config.MICRO_BATCH,
@@ -190,6 +219,11 @@ def _machine(isolation_mode):
         import jax
 
         framework = {"backend": "jax", "jax": jax.__version__}
+    elif BACKEND == "torch":
+        import torch
+
+        framework = {"backend": "torch", "torch": torch.__version__,
+                     "torch_threads": torch.get_num_threads()}
     else:
         import tensorflow as tf
 
@@ -233,7 +267,8 @@ class Runner:
         self.quick = args.quick
         self.settings = _settings(args.quick)
         self.results_dir = os.path.join(
-            args.out, "results", *(["jax"] if BACKEND == "jax" else [])
+            args.out, "results",
+            *([BACKEND] if BACKEND in BACKEND_PHASES else [])
         )
         os.makedirs(self.results_dir, exist_ok=True)
         self.json_path = os.path.join(self.results_dir, "benchmark.json")
@@ -307,9 +342,9 @@ class Runner:
         self.data["durations_s"]["total"] = time.monotonic() - self.started
         import report
 
-        if BACKEND == "jax":
+        if BACKEND != "tensorflow":
             # Its own section of results.md; the TensorFlow tables stay.
-            report.write_jax_section(
+            report.write_backend_section(
                 self.data, os.path.join(self.args.out, "results.md")
             )
         else:
@@ -327,16 +362,16 @@ class Runner:
     def _timing_configs(self, model):
         """Every configuration on TensorFlow, `micro_batch_size` with
         `jit_compile=True` too for the models in `micro_xla_models`; on JAX
-        the compared methods only, each configuration costing an XLA
-        compilation."""
+        and torch the compared methods only (on JAX each configuration
+        costs an XLA compilation)."""
         import methods
 
-        if self.settings["mode"] != "jax":
+        if self.settings["mode"] not in ("jax", "torch"):
             return methods.configurations(
                 self.settings["ks"],
                 # The forward+backward reference and XLA on TensorFlow.
-                include_reference=BACKEND != "jax",
-                include_micro_xla=BACKEND != "jax" and (
+                include_reference=BACKEND == "tensorflow",
+                include_micro_xla=BACKEND == "tensorflow" and (
                     model in self.settings.get("micro_xla_models", ())
                 ),
             )
@@ -369,10 +404,11 @@ class Runner:
 
         memory_results = self.data.setdefault("memory", {})
         jobs = max(1, self.args.memory_jobs)
-        jax_mode = BACKEND == "jax"
+        # JAX and torch: the compared methods at `memory_ks` only.
+        small_grid = "memory_ks" in self.settings
         groups = self._groups(self.settings.get("memory_optimizers"))
         for model, optimizer in groups:
-            if jax_mode:
+            if small_grid:
                 configs = methods.configurations(
                     self.settings.get("memory_ks", self.settings["ks"]),
                     include_reference=False,
@@ -384,7 +420,10 @@ class Runner:
                         configs += [{"method": "plain_kb", "k": k},
                                     {"method": "keras_accum_micro", "k": k}]
             else:
-                configs = methods.configurations(self.settings["ks"])
+                configs = methods.configurations(
+                    self.settings["ks"],
+                    include_reference=BACKEND == "tensorflow",
+                )
             self.log(f"  memory {model}/{optimizer}: {len(configs)} "
                      f"processes, {jobs} at a time")
             kwargs = [{
@@ -408,7 +447,7 @@ class Runner:
             ]
             self.save()
         if (self.args.isolation == "fork" and not self.quick
-                and not jax_mode):
+                and BACKEND == "tensorflow"):
             self._isolation_check()
 
     def _isolation_check(self):
@@ -502,7 +541,7 @@ def readme_path(args, quick):
     """The page whose benchmark table a run rewrites (docs/benchmarks.md):
     only a full run written into the repository's `benchmarks/` updates
     it."""
-    if (quick or BACKEND == "jax" or os.path.abspath(args.out) != HERE
+    if (quick or BACKEND != "tensorflow" or os.path.abspath(args.out) != HERE
             or getattr(args, "no_readme", False)):
         return None
     return os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
@@ -524,7 +563,7 @@ def main(argv=None):
     parser.add_argument("--memory-jobs", type=int, default=1,
                         help="memory measurements run at the same time, "
                              "each in its own process (default 1)")
-    phases = JAX_PHASES if BACKEND == "jax" else PHASES
+    phases = BACKEND_PHASES.get(BACKEND, PHASES)
     parser.add_argument("--phases", default=",".join(phases),
                         help=f"comma-separated subset of {','.join(phases)}")
     parser.add_argument("--keep-other-phases", action="store_true",
@@ -545,10 +584,11 @@ def main(argv=None):
         import report
 
         results_dir = os.path.join(args.out, "results")
-        if BACKEND == "jax":
-            with open(os.path.join(results_dir, "jax", "benchmark.json")) as f:
-                report.write_jax_section(
-                    json.load(f), os.path.join(args.out, "results.md")
+        if BACKEND != "tensorflow":
+            path = os.path.join(results_dir, BACKEND, "benchmark.json")
+            with open(path) as handle:
+                report.write_backend_section(
+                    json.load(handle), os.path.join(args.out, "results.md")
                 )
             return 0
         with open(os.path.join(results_dir, "benchmark.json")) as handle:
@@ -563,16 +603,16 @@ def main(argv=None):
                      f"{phases}")
     library = snapshot_library()
     if args.isolation == "fork":
-        # Import once here, run no TensorFlow (or JAX) op: forked children
+        # Import once here, run no TensorFlow (JAX, torch) op: forked children
         # start from a pristine runtime without paying the import again.
+        import floors  # noqa: F401
         import keras  # noqa: F401
+        import memory  # noqa: F401
         import timing  # noqa: F401
 
-        import floors  # noqa: F401
-        import memory  # noqa: F401
         import keras_accum  # noqa: F401
 
-        if BACKEND != "jax":
+        if BACKEND == "tensorflow":
             import profile_step  # noqa: F401
             import tensorflow  # noqa: F401
     try:

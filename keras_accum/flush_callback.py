@@ -11,6 +11,13 @@ _DeferredCheck = collections.namedtuple(
     "_DeferredCheck", ["due", "discarded", "first", "end"]
 )
 
+# What the callback calls on its model: `AccumulatingModel`'s own methods.
+_ACCUMULATING_MODEL_API = (
+    "apply_accumulated_gradients",
+    "reset_accumulated_gradients",
+    "_begin_epoch",
+)
+
 
 class ApplyAccumulatedGradients(keras.callbacks.Callback):
     """Applies an `AccumulatingModel`'s accumulated gradient once per epoch.
@@ -60,9 +67,11 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._deferred_check = None
 
     def set_model(self, model):
-        from keras_accum.accumulating_model import AccumulatingModel
-
-        if not isinstance(model, AccumulatingModel):
+        # Checked by the methods the callback calls, not by class: the
+        # model's module imports this one, not the other way round.
+        if not all(
+            hasattr(type(model), name) for name in _ACCUMULATING_MODEL_API
+        ):
             raise TypeError(
                 "`ApplyAccumulatedGradients` works with an "
                 "`keras_accum.AccumulatingModel`. Received: model of type "

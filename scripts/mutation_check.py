@@ -57,6 +57,8 @@ class Mutant:
         new: Its replacement: the bug.
         tests: Pytest node ids (a function without its parameters selects
             every parametrisation); each must have a failing test.
+        backend: The Keras backend the tests run on (`-m backends` off
+            TensorFlow). Defaults to `"tensorflow"`.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Mutant:
     old: str
     new: str
     tests: tuple
+    backend: str = "tensorflow"
 
 
 T_EXACT = "tests/accumulating_model_test.py::TestExactness"
@@ -80,7 +83,7 @@ MUTANTS = (
     # Issue 16: distributed drop-in.
     Mutant(
         "empty-masked-shard-nan-normaliser",
-        "keras_accum/loss_normalisers.py",
+        "keras_accum/core/loss_normalisers.py",
         "    return ops.where(\n"
         "        ops.equal(elements, total),\n"
         "        valid,\n"
@@ -94,7 +97,7 @@ MUTANTS = (
     ),
     Mutant(
         "replica-count-not-cancelled-exactly",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "    return ops.stop_gradient(normaliser) / applied\n",
         "    return ops.stop_gradient(normaliser) * ops.cast(\n"
         "        __import__(\"tensorflow\").distribute.get_strategy()\n"
@@ -108,7 +111,7 @@ MUTANTS = (
     ),
     Mutant(
         "skip-per-replica-shard",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/accumulation.py",
         "    if context is None or context.num_replicas_in_sync == 1:\n"
         "        return finite\n",
         "    if True:\n"
@@ -118,7 +121,7 @@ MUTANTS = (
     # Issue 13: drop-in for Keras workflows.
     Mutant(
         "accumulators-not-rebuilt",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/core/lifecycle.py",
         "        if accumulator.matches(trainable_variables, terms):\n",
         "        if accumulator.built:\n",
         (
@@ -129,14 +132,14 @@ MUTANTS = (
     ),
     Mutant(
         "zero-gradient-for-weights-without-one",
-        "keras_accum/backend/tensorflow/trainer.py",
-        "        exists = plan.gradient_exists or (True,) * len(gradients)\n",
-        "        exists = (True,) * len(gradients)\n",
+        "keras_accum/core/window.py",
+        "    exists = plan.gradient_exists or (True,) * len(gradient)\n",
+        "    exists = (True,) * len(gradient)\n",
         (f"{T_WORKFLOW}[head-without-loss-adamw]",),
     ),
     Mutant(
         "schedule-window-of-epoch-0-on-first-trace",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/core/lifecycle.py",
         "                self._schedule.window_size(0)\n"
         "                if self._epoch_window is None\n"
         "                else self._epoch_window\n",
@@ -155,7 +158,7 @@ MUTANTS = (
     ),
     Mutant(
         "several-loss-terms-share-a-normaliser",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "    return max(1, terms)\n",
         "    return 1\n",
         (
@@ -166,7 +169,7 @@ MUTANTS = (
     # The 16 mutants of issue 17.
     Mutant(
         "equal-weighting",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "        return objective, replica_scale(normaliser), normaliser, True\n",
         "        return objective, ops.ones((), dtype), ops.ones((), dtype), True\n",
         (
@@ -200,7 +203,7 @@ MUTANTS = (
     ),
     Mutant(
         "iterations-per-micro-step",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/micro_step.py",
         "        self._accumulator.count_micro_batch()\n"
         "        return logs\n",
         "        self._accumulator.count_micro_batch()\n"
@@ -213,7 +216,7 @@ MUTANTS = (
     ),
     Mutant(
         "no-reset-after-update",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/window_update.py",
         "        optimizer.apply(gradients, accumulator.variables)\n"
         "        accumulator.reset()\n",
         "        optimizer.apply(gradients, accumulator.variables)\n",
@@ -221,7 +224,7 @@ MUTANTS = (
     ),
     Mutant(
         "regularisation-per-micro-batch",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "        later = 1.0 - ops.cast(first_in_window, regularisation.dtype)",
         "        later = 0.0 * ops.cast(first_in_window, regularisation.dtype)",
         (
@@ -231,7 +234,7 @@ MUTANTS = (
     ),
     Mutant(
         "no-replica-scaling",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "    return ops.stop_gradient(normaliser) / applied\n",
         "    return ops.stop_gradient(normaliser)\n",
         (
@@ -241,7 +244,7 @@ MUTANTS = (
     ),
     Mutant(
         "nonfinite-window-applied",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/window_update.py",
         "normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)",
         "normalisers, finite = totals[:-1], tf.constant(True)",
         (
@@ -292,7 +295,7 @@ MUTANTS = (
     ),
     Mutant(
         "mean-with-sample-weight-normaliser",
-        "keras_accum/loss_normalisers.py",
+        "keras_accum/core/loss_normalisers.py",
         "        return ops.sum(weights)",
         "        return ops.cast(ops.size(values), values.dtype)",
         (
@@ -303,7 +306,7 @@ MUTANTS = (
     ),
     Mutant(
         "schedule-key-lookup",
-        "keras_accum/window_schedule.py",
+        "keras_accum/core/window_schedule.py",
         "            start = max(s for s in self._starts if s <= epoch)",
         "            start = min(s for s in self._starts if s <= epoch)",
         (
@@ -328,14 +331,14 @@ MUTANTS = (
     Mutant(
         "wrap-copies-weights",
         "keras_accum/accumulating_model.py",
-        "    inputs, outputs = _keras_internals.graph_structure(graph)",
+        "    inputs, outputs = compat_functional.graph_structure(graph)",
         "    graph = keras.models.clone_model(graph)\n"
-        "    inputs, outputs = _keras_internals.graph_structure(graph)",
+        "    inputs, outputs = compat_functional.graph_structure(graph)",
         (f"{T_EXACT}::test_wrap_shares_weights_and_is_exact",),
     ),
     Mutant(
         "accumulate-zero-accepted",
-        "keras_accum/validation.py",
+        "keras_accum/core/validation.py",
         "    if value < 1:\n",
         "    if value < 0:\n",
         ("tests/validation_test.py::test_bad_accumulate",),
@@ -389,7 +392,7 @@ MUTANTS = (
     ),
     Mutant(
         "overflowed-micro-batch-normaliser-counted",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/accumulation.py",
         "            tf.math.multiply_no_nan(normalisers, keep),\n",
         "            normalisers,\n",
         (
@@ -404,7 +407,7 @@ MUTANTS = (
     # Python of a Keras 3.10-3.13 environment (scripts/version_matrix.py).
     Mutant(
         "activity-penalty-divided-by-window",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/core/loss_terms.py",
         "        return self._reduction == \"mean\" and bool(\n",
         "        return False and bool(\n",
         (
@@ -416,7 +419,7 @@ MUTANTS = (
     ),
     Mutant(
         "activity-penalty-replica-scale-kept",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "        summed_scale = replica_scale(ops.ones((), dtype))\n",
         "        summed_scale = ops.ones((), dtype)\n",
         (
@@ -424,11 +427,11 @@ MUTANTS = (
             "test_activity_regulariser_under_two_replicas",
         ),
     ),
-    # issue 25: the normalisation rule (keras_accum/objectives.py,
-    # keras_accum/loss_attribution.py).
+    # issue 25: the normalisation rule (keras_accum/core/objectives.py,
+    # keras_accum/core/loss_attribution.py).
     Mutant(
         "custom-loss-factors-ignored",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "        ops.stop_gradient(ops.cast(c, dtype)) * ops.cast(t.value, dtype)\n",
         "        ops.cast(t.value, dtype)\n",
         (
@@ -438,7 +441,7 @@ MUTANTS = (
     ),
     Mutant(
         "unattributed-loss-accepted",
-        "keras_accum/loss_attribution.py",
+        "keras_accum/core/loss_attribution.py",
         "    if not found.attributed:\n",
         "    if False:\n",
         (
@@ -450,7 +453,7 @@ MUTANTS = (
     ),
     Mutant(
         "non-linear-loss-accepted",
-        "keras_accum/loss_attribution.py",
+        "keras_accum/core/loss_attribution.py",
         "    if not found.constant:\n",
         "    if False:\n",
         (
@@ -460,7 +463,7 @@ MUTANTS = (
     ),
     Mutant(
         "custom-loss-terms-share-one-set",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/core/loss_terms.py",
         "        self._functions.terms = len(recorded.known_terms)\n",
         "        self._functions.terms = min(1, len(recorded.known_terms))\n",
         (
@@ -472,14 +475,14 @@ MUTANTS = (
     ),
     Mutant(
         "add-loss-accepted",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "    if model.reduction == SUM or not recorded.added:\n",
         "    if True:\n",
         (f"{T_RULE}::TestPenalties::test_data_dependent_add_loss_is_refused",),
     ),
     Mutant(
         "activity-penalty-summed-on-keras-3-14",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "    mean_normaliser = ops.cast(examples[0], dtype)\n",
         "    mean_normaliser = ops.cast(examples[0], dtype)\n"
         "    return value, replica_scale(ops.ones((), dtype)), "
@@ -491,14 +494,14 @@ MUTANTS = (
     ),
     Mutant(
         "unreduced-loss-accepted",
-        "keras_accum/objectives.py",
+        "keras_accum/core/objectives.py",
         "        if term.reduction == NONE:\n",
         "        if False:\n",
         (f"{T_RULE}::test_unreduced_loss_is_refused",),
     ),
     Mutant(
         "window-of-one-batch-is-plain-keras-under-a-strategy",
-        "keras_accum/accumulating_model.py",
+        "keras_accum/core/lifecycle.py",
         "            and self._replicas() == 1\n",
         "",
         (
@@ -520,7 +523,7 @@ MUTANTS = (
     ),
     Mutant(
         "skip-ignores-nonfinite-loss",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/micro_step.py",
         "loss_is_finite=tf.math.is_finite(logged_loss),",
         "loss_is_finite=True,",
         (
@@ -569,7 +572,7 @@ MUTANTS = (
     # issue 25: clipping under a strategy
     Mutant(
         "clip-replica-share-not-window",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/clipping.py",
         "        context.all_reduce(\n"
         "            tf.distribute.ReduceOp.SUM, "
         "[g for g in gradients if g is not None]\n"
@@ -585,7 +588,7 @@ MUTANTS = (
     # issue 26: micro-batches inside the step
     Mutant(
         "micro-batch-regularisation-per-micro-batch",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/micro_step.py",
         "            first_in_window = tf.logical_and(\n"
         "                self._accumulator.mini_step.value == 0, first\n"
         "            )\n",
@@ -604,13 +607,70 @@ MUTANTS = (
     ),
     Mutant(
         "epoch-end-apply-rebuilt-per-model-code",
-        "keras_accum/backend/tensorflow/trainer.py",
+        "keras_accum/backend/tensorflow/window_update.py",
         "                functools.partial(apply_function), autograph=False\n",
         "                apply_function, autograph=False\n",
         (
             "tests/accumulating_model_test.py::TestFitIntegration::"
             "test_epoch_end_apply_is_traced_once_per_model",
         ),
+    ),
+    # PyTorch: tensors are mutable there, which TensorFlow and JAX never
+    # showed; each bug below was met while writing the torch backend.
+    Mutant(
+        "torch-regularisation-aliased",
+        "keras_accum/core/objectives.py",
+        "    in_loss, objective = ops.zeros((), dtype), ops.zeros((), dtype)\n"
+        "    for value, factor, scale in zip(\n"
+        "        compat_trainer.regularization_losses(model),\n"
+        "        coefficients.regularisation,\n"
+        "        coefficients.regularisation_scales,\n"
+        "    ):\n"
+        "        part = ops.stop_gradient(ops.cast(factor, dtype)) * ops.cast(\n"
+        "            ops.sum(value), dtype\n"
+        "        )\n"
+        "        in_loss = in_loss + part\n"
+        "        objective = objective + part * ops.cast(scale, dtype)\n",
+        "    in_loss = objective = ops.zeros((), dtype)\n"
+        "    for value, factor, scale in zip(\n"
+        "        compat_trainer.regularization_losses(model),\n"
+        "        coefficients.regularisation,\n"
+        "        coefficients.regularisation_scales,\n"
+        "    ):\n"
+        "        part = ops.stop_gradient(ops.cast(factor, dtype)) * ops.cast(\n"
+        "            ops.sum(value), dtype\n"
+        "        )\n"
+        "        in_loss += part\n"
+        "        objective += part * ops.cast(scale, dtype)\n",
+        (f"{T_MICRO}::TestExactness::test_sample_weights_and_weight_"
+         "regularisation",),
+        backend="torch",
+    ),
+    Mutant(
+        "torch-sample-weight-masked-in-place",
+        "keras_accum/core/loss_normalisers.py",
+        "        weights_for_keras = ops.copy(sample_weight)\n",
+        "        weights_for_keras = sample_weight\n",
+        (f"{T_NORMALISATION}::TestMaskedSequences::"
+         "test_mean_with_sample_weight_over_masked_tokens",),
+        backend="torch",
+    ),
+    Mutant(
+        "torch-micro-batch-remainder-dropped",
+        "keras_accum/backend/torch/trainer.py",
+        "            for start in range(0, batch, size):\n",
+        "            for start in range(0, batch - batch % size, size):\n",
+        (f"{T_MICRO}::TestExactness::test_masked_sequences",),
+        backend="torch",
+    ),
+    Mutant(
+        "torch-refused-step-keeps-its-update",
+        "keras_accum/core/custom_steps.py",
+        "            _restore(saved)\n",
+        "",
+        ("tests/torch_backend_test.py::"
+         "test_refused_custom_step_leaves_weights_as_they_were",),
+        backend="torch",
     ),
 )
 
@@ -671,13 +731,15 @@ def run_mutant(mutant, workers, first_failure, python):
                 apply(mutant, root)
             except ValueError as error:
                 return "error", time.perf_counter() - start, str(error)
+        backend = mutant.backend if mutant else "tensorflow"
         command = [
             python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
             "-n", str(workers), *(["-x"] if first_failure else []),
+            *(["-m", "backends"] if backend != "tensorflow" else []),
             *tests,
         ]
         env = dict(os.environ, PYTHONPATH=str(root),
-                   KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+                   KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         result = subprocess.run(command, cwd=root, env=env,
                                 capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ def _tensorflow():
     return pytest.importorskip("tensorflow")
 
 
-pytestmark = pytest.mark.jax
+pytestmark = pytest.mark.backends
 
 N_EXAMPLES = 1000
 BATCH = 64  # 15 full batches and a ragged one of 40.
@@ -332,8 +332,10 @@ class TestFitIntegration:
         [
             {"jit_compile": True},
             {"jit_compile": False},
-            {"steps_per_execution": 3},
-            {"steps_per_execution": 3, "jit_compile": True},
+            pytest.param({"steps_per_execution": 3},
+                         marks=helpers.SEVERAL_STEPS_PER_EXECUTION),
+            pytest.param({"steps_per_execution": 3, "jit_compile": True},
+                         marks=helpers.SEVERAL_STEPS_PER_EXECUTION),
         ],
         ids=["jit", "no-jit", "steps_per_execution", "jit-steps_per_execution"],
     )

@@ -4,8 +4,9 @@ The suite runs on the backend named by `KERAS_BACKEND` (TensorFlow when
 unset). On TensorFlow, four logical CPU devices are configured at import,
 before any op runs, so the distribution tests can use real
 `MirroredStrategy`s on one CPU. On JAX, two host CPU devices are configured
-for `keras.distribution.DataParallel`, float64 is enabled, and only tests
-marked `jax` run (`python -m pytest -m jax`); the others use TensorFlow.
+for `keras.distribution.DataParallel` and float64 is enabled; on JAX and
+torch only tests marked `backends` run (`python -m pytest -m backends`);
+the others use TensorFlow.
 """
 
 import gc
@@ -35,13 +36,12 @@ LOGICAL_CPUS = 4
 
 if BACKEND == "jax":
     import jax  # noqa: E402
-
     from keras.src.backend.common import dtypes as _keras_dtypes
 
     jax.config.update("jax_enable_x64", True)
     # Many tests compile the same programs (same models, other settings):
     # JAX's persistent compilation cache, shared by the xdist workers,
-    # compiles each once (cut the `-m jax` run by about a third).
+    # compiles each once (cut the `-m backends` run by about a third).
     # Not on JAX 0.4.29 (the floor): there a second model compiling the
     # same step (a `clone_model`'s) from the persistent cache corrupted the
     # heap ("malloc(): unaligned tcache chunk detected"); without the cache
@@ -61,6 +61,12 @@ if BACKEND == "jax":
     # sides of every comparison run in this process, so make float64 honest
     # for both: exactness is then tested to the same 1e-9 as on TensorFlow.
     _keras_dtypes.BIT64_TO_BIT32_DTYPE["float64"] = "float64"
+elif BACKEND == "torch":
+    from keras.src.backend.common import dtypes as _keras_dtypes
+
+    # As on JAX: Keras' type promotion maps float64 to float32 on torch
+    # too (`ops.matmul` of two float64 tensors is float32).
+    _keras_dtypes.BIT64_TO_BIT32_DTYPE["float64"] = "float64"
 else:
     import tensorflow as tf  # noqa: E402
 
@@ -73,10 +79,11 @@ else:
 # On JAX, TensorFlow may be absent (`keras-accum[jax]`; scripts/
 # version_matrix.py runs a JAX slice without it where pip cannot install
 # that JAX beside that TensorFlow). Then a test
-# module that imports TensorFlow at its top, or is not marked `jax` (its
+# module that imports TensorFlow at its top, or is not marked `backends` (its
 # tests would be skipped anyway), is not collected; the header names them.
 _WITHOUT_TENSORFLOW = (
-    BACKEND == "jax" and importlib.util.find_spec("tensorflow") is None
+    BACKEND in ("jax", "torch")
+    and importlib.util.find_spec("tensorflow") is None
 )
 _TOP_LEVEL_TENSORFLOW = re.compile(r"^(import|from) tensorflow\b", re.M)
 
@@ -86,7 +93,7 @@ def _needs_tensorflow(path):
     if path.suffix != ".py" or not path.name.endswith("_test.py"):
         return False
     source = path.read_text()
-    return "pytest.mark.jax" not in source or bool(
+    return "pytest.mark.backends" not in source or bool(
         _TOP_LEVEL_TENSORFLOW.search(source)
     )
 
@@ -108,13 +115,16 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if BACKEND != "jax":
+    if BACKEND == "tensorflow":
         return
     tensorflow_only = pytest.mark.skip(
-        reason="uses TensorFlow (not marked `jax`)"
+        reason="uses TensorFlow (not marked `backends`)"
     )
     for item in items:
-        if "jax" not in item.keywords or "tensorflow_only" in item.keywords:
+        if (
+            "backends" not in item.keywords
+            or "tensorflow_only" in item.keywords
+        ):
             item.add_marker(tensorflow_only)
 
 

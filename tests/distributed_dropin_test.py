@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from keras_accum import AccumulatingModel
-from keras_accum import loss_normalisers
+from keras_accum.core import loss_normalisers
 from tests import distribution_cases as cases
 from tests import helpers
 

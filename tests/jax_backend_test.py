@@ -1,7 +1,7 @@
 """The JAX backend: `keras.distribution`, a train step that stays on the
 device, and no TensorFlow (float64, relative 1e-9 against plain Keras).
 
-Run with `KERAS_BACKEND=jax python -m pytest -m jax`; conftest.py gives JAX
+Run with `KERAS_BACKEND=jax python -m pytest -m backends`; conftest.py gives JAX
 two host CPU devices.
 """
 
@@ -16,7 +16,7 @@ from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 
 pytestmark = [
-    pytest.mark.jax,
+    pytest.mark.backends,
     pytest.mark.skipif(
         keras.backend.backend() != "jax", reason="tests the JAX backend"
     ),

@@ -15,9 +15,10 @@ from keras import ops
 
 from keras_accum import AccumulatingModel
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
+from keras_accum.core import loss_attribution
 from tests import helpers
 
-pytestmark = [pytest.mark.jax, pytest.mark.usefixtures("float64")]
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("float64")]
 
 EXAMPLES, BATCH, WINDOW = 44, 8, 3  # A ragged last micro-batch of 4.
 
@@ -146,6 +147,24 @@ def _linear_mix_with_model_losses(model, y, y_pred, sample_weight):
 
 
 class TestCustomComputeLoss:
+    def test_only_a_user_class_overrides_compute_loss(self):
+        """Catches keras_accum's own classes defining `compute_loss`
+        (`overrides_compute_loss` would take Keras' own combination for a
+        user's and check it), or a user's override going unseen."""
+        for cls in FunctionalAccumulatingModel.__mro__:
+            if not issubclass(keras.Model, cls):
+                assert "compute_loss" not in cls.__dict__, cls
+        graph = _graph()
+        model = FunctionalAccumulatingModel(*graph)
+        assert not loss_attribution.overrides_compute_loss(model)
+        custom = _with_loss(FunctionalAccumulatingModel,
+                            _weighted_mean_plus_mae)
+
+        class Inherits(custom):
+            pass
+
+        assert loss_attribution.overrides_compute_loss(Inherits(*graph))
+
     def test_compiled_loss_plus_a_summed_keras_loss(self):
         """Case 1: the summed MAE was divided by the compiled term's
         normaliser (relative error 0.55 on TensorFlow, 1.33 on JAX)."""

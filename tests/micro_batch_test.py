@@ -17,7 +17,7 @@ from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests import normalisation_test as cases
 
-pytestmark = pytest.mark.jax
+pytestmark = pytest.mark.backends
 
 
 @pytest.mark.usefixtures("float64")

@@ -21,7 +21,7 @@ from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
-pytestmark = pytest.mark.jax
+pytestmark = pytest.mark.backends
 
 
 def _model(accumulate="epoch", **kwargs):
@@ -47,7 +47,8 @@ _AUTO_REFUSAL = (
     r"`micro_batch_size=\"auto\"` needs `memory_limit`.*"
     r"Received: memory_limit=None"
     if keras.backend.backend() == "jax"
-    else r"on tensorflow set `micro_batch_size` to an int instead"
+    else f"on {keras.backend.backend()} set `micro_batch_size` to an int "
+    "instead"
 )
 
 
@@ -121,7 +122,7 @@ def _other_backend(monkeypatch):
     # As validation_test.py::test_unsupported_backend_is_rejected, which
     # runs a real unsupported backend; here through `wrap()`.
     base = keras.Model(*helpers.dense_graph())
-    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    monkeypatch.setattr(keras.backend, "backend", lambda: "numpy")
     keras_accum.wrap(base)
 
 
@@ -209,8 +210,8 @@ MISUSES = [
            r"already accumulates gradients \(accumulate=4\); wrap the "
            r"original model"),
     Misuse("unsupported-backend", lambda t, m: _other_backend(m),
-           ValueError, r"supports the TensorFlow and JAX backends.*"
-           r"KERAS_BACKEND.*Received: keras\.backend\.backend\(\)='torch'"),
+           ValueError, r"supports the TensorFlow, JAX and torch backends.*"
+           r"KERAS_BACKEND.*Received: keras\.backend\.backend\(\)='numpy'"),
     # `compile()`; validation_test.py covers SGD(gradient_accumulation_steps).
     Misuse("compile-without-optimizer",
            lambda t, m: _model().compile(optimizer=None, loss="mse"),

@@ -23,7 +23,7 @@ from tests import multi_process_jax_main as cases
 from tests.helpers import RTOL
 
 pytestmark = [
-    pytest.mark.jax,
+    pytest.mark.backends,
     pytest.mark.slow,
     pytest.mark.skipif(
         keras.backend.backend() != "jax", reason="tests the JAX backend"

@@ -15,7 +15,7 @@ from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
 from tests.helpers import RTOL
 
-pytestmark = pytest.mark.jax
+pytestmark = pytest.mark.backends
 
 VOCABULARY = 20
 LENGTH = 12

@@ -18,7 +18,7 @@ import pytest
 import keras_accum
 from keras_accum import AccumulatingModel
 
-pytestmark = [pytest.mark.slice, pytest.mark.jax]
+pytestmark = [pytest.mark.slice, pytest.mark.backends]
 
 _X = np.linspace(-1.0, 1.0, 24, dtype="float32").reshape(8, 3)
 _Y = np.linspace(0.0, 1.0, 16, dtype="float32").reshape(8, 2)

@@ -9,7 +9,7 @@ import keras_accum
 from keras_accum import AccumulatingModel
 from tests import helpers
 
-pytestmark = pytest.mark.jax
+pytestmark = pytest.mark.backends
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_unsupported_backend_is_rejected():
     result = helpers.run_python(script, "numpy", timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.search(
-        r"supports the TensorFlow and JAX backends.*KERAS_BACKEND.*"
+        r"supports the TensorFlow, JAX and torch backends.*KERAS_BACKEND.*"
         r"Received: keras\.backend\.backend\(\)='numpy'",
         result.stdout,
     ), result.stdout

@@ -1,4 +1,5 @@
-"""Tests for `keras_accum.window_loss`: the logged loss of several terms."""
+"""Tests for `keras_accum.core.window_loss`: the logged loss of several
+terms."""
 
 import keras
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from keras_accum import AccumulatingModel
-from keras_accum.window_loss import WindowLoss
+from keras_accum.core.window_loss import WindowLoss
 from tests.helpers import RTOL
 
 EXAMPLES = 44  # 5 micro-batches of 8 and a ragged one of 4.

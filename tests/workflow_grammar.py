@@ -172,6 +172,11 @@ def resolve(f):
     # neither side can be judged (measured 2026-12-07).
     if keras.backend.backend() == "jax" and f["fits"] == 2:
         f["ema"] = False
+    # Keras on torch has neither `keras.distribution` (no devices to
+    # split over) nor several steps per execution (its trainer refuses).
+    if keras.backend.backend() == "torch":
+        f["devices"] = 1
+        f["steps_per_execution"] = 1
     return f
 
 

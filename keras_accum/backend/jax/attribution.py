@@ -13,9 +13,9 @@ import jax
 import keras
 from jax import numpy as jnp
 
-from keras_accum import _keras_internals
-from keras_accum.loss_attribution import Probe
-from keras_accum.loss_normalisers import record_loss_normalisers
+from keras_accum._compat import trainer as compat_trainer
+from keras_accum.core.loss_attribution import Probe
+from keras_accum.core.loss_normalisers import record_loss_normalisers
 
 
 def probe(model, state, data, y_pred, terms, losses, check):
@@ -45,11 +45,11 @@ def probe(model, state, data, y_pred, terms, losses, check):
         )
         with keras.StatelessScope(state_mapping=mapping):
             with record_loss_normalisers(substitute=substitute):
-                with _keras_internals.losses_override(
+                with compat_trainer.losses_override(
                     model, [entries[j] for j in range(losses)]
                 ):
                     return jnp.reshape(
-                        _keras_internals.compute_loss(
+                        compat_trainer.compute_loss(
                             model, x=x, y=y, y_pred=y_pred,
                             sample_weight=sample_weight, training=True,
                         ),

@@ -11,8 +11,8 @@ import jax
 import keras
 from jax import numpy as jnp
 
-from keras_accum import _keras_internals
-from keras_accum import micro_batches
+from keras_accum._compat import trainer as compat_trainer
+from keras_accum.core import micro_batches
 
 _MIB = 2.0**20
 
@@ -149,7 +149,7 @@ def choose(model, state, data, memory_limit):
             "use a smaller model. Received: "
             f"memory_limit={memory_limit} ({memory_limit / _MIB:.1f} MiB)"
         )
-    _keras_internals.print_msg(
+    compat_trainer.print_msg(
         f"keras_accum: micro_batch_size=\"auto\" chose {size} for batches "
         f"of {shard} per device (step memory "
         f"{measured[size] / _MIB:.1f} MiB of the "

@@ -6,7 +6,7 @@ replica's copy and needs no communication.
 
 import tensorflow as tf
 
-from keras_accum.accumulators import GradientAccumulator
+from keras_accum.core.accumulators import GradientAccumulator
 
 
 class TensorFlowGradientAccumulator(GradientAccumulator):

@@ -12,9 +12,10 @@ gradient that TensorFlow does not connect (`None`) is a structural zero.
 import keras
 import tensorflow as tf
 
-from keras_accum import _keras_internals
-from keras_accum.loss_attribution import Probe
-from keras_accum.loss_normalisers import record_loss_normalisers
+from keras_accum._compat import losses as compat_losses
+from keras_accum._compat import trainer as compat_trainer
+from keras_accum.core.loss_attribution import Probe
+from keras_accum.core.loss_normalisers import record_loss_normalisers
 
 
 def probe(model, loss_tape, loss, recorded, entries, data, y_pred, check):
@@ -38,7 +39,7 @@ def probe(model, loss_tape, loss, recorded, entries, data, y_pred, check):
     term_factors, loss_factors = factors[:len(terms)], factors[len(terms):]
     # Keras scales each entry for distribution when its `compute_loss`
     # adds it; one added as it is counts once per replica.
-    applied = _keras_internals.scale_loss_for_distribution(
+    applied = compat_losses.scale_loss_for_distribution(
         tf.ones((), loss.dtype)
     )
     scaled = [id(entry) in recorded.aggregated for entry in entries]
@@ -105,10 +106,10 @@ def _substituted_loss(model, probes, entries, x, y, y_pred, sample_weight):
         return tf.cast(probes[index], term.value.dtype)
 
     with record_loss_normalisers(substitute=substitute):
-        with _keras_internals.losses_override(
+        with compat_trainer.losses_override(
             model, tf.unstack(entries) if entries.shape[0] else []
         ):
-            return _keras_internals.compute_loss(
+            return compat_trainer.compute_loss(
                 model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                 training=True,
             )

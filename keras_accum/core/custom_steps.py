@@ -12,6 +12,8 @@ otherwise `fit` raises.
 
 import functools
 
+import keras
+
 # Marks `AccumulatingModel.train_step` and the wrappers of overrides.
 _OWN_STEP = "_keras_accum_own_step"
 _CHECKED = "_keras_accum_checked_step"
@@ -49,8 +51,9 @@ def checked_train_step(train_step):
 
     @functools.wraps(train_step)
     def wrapped(self, *args):
-        # `(data)` on TensorFlow, `(state, data)` on JAX.
+        # `(data)` on TensorFlow and torch, `(state, data)` on JAX.
         before = self._functions.accumulations
+        saved = _first_eager_call(self)
         try:
             result = train_step(self, *args)
         except Exception as error:
@@ -63,11 +66,38 @@ def checked_train_step(train_step):
         if self._functions.accumulations == before and (
             self.accumulate != 1 or self.micro_batch_size is not None
         ):
+            _restore(saved)
             raise _refusal(self, "did neither")
+        self._functions.custom_step_checked = True
         return result
 
     setattr(wrapped, _CHECKED, True)
     return wrapped
+
+
+def _first_eager_call(model):
+    """The model's and optimizer's variable values before the first call
+    of an overriding step on torch, else `None`.
+
+    TensorFlow and JAX check a step while tracing it, before any of its
+    ops runs; torch runs it eagerly, so a step that applies its own update
+    has changed the weights by the time it is refused. The values are
+    put back then, so the refusal loses nothing the user trained.
+    """
+    if keras.backend.backend() != "torch" or getattr(
+        model._functions, "custom_step_checked", False
+    ):
+        return None
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    return [(v, keras.ops.copy(v.value)) for v in variables]
+
+
+def _restore(saved):
+    for variable, value in saved or ():
+        variable.assign(value)
 
 
 def _refusal(model, received):

@@ -15,7 +15,7 @@ NONFINITE_POLICIES = ("raise", "skip")
 
 
 #: The Keras backends `AccumulatingModel` has a train step for.
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def require_supported_backend(what):
@@ -23,8 +23,9 @@ def require_supported_backend(what):
     backend = keras.backend.backend()
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(
-            f"`{what}` supports the TensorFlow and JAX backends of Keras 3; "
-            "set `KERAS_BACKEND` to \"tensorflow\" or \"jax\" before "
+            f"`{what}` supports the TensorFlow, JAX and torch backends of "
+            "Keras 3; set `KERAS_BACKEND` to \"tensorflow\", \"jax\" or "
+            "\"torch\" before "
             "importing keras. Received: "
             f"keras.backend.backend()={backend!r}"
         )

@@ -6,10 +6,12 @@ Backend-neutral: each backend's trainer adds to them in its own way
 
 import keras
 
+from keras_accum._compat import variables as compat_variables
+
 # Replica-local under `tf.distribute`: a micro-step adds into its own
 # replica's copy and needs no communication; reading in cross-replica
 # context sums the copies. Backends without replicas ignore it.
-_LOCAL_SUM = {"synchronization": "on_read", "aggregation": "sum"}
+_LOCAL_SUM = compat_variables.REPLICA_LOCAL_SUM
 
 
 def _accumulator_dtype(variable):

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_accum import validation
+from keras_accum.core import validation
 
 # The window of `accumulate="epoch"` as stored in the model's window
 # variable: never applied in-step, only at epoch end.

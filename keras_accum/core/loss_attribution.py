@@ -23,8 +23,10 @@ pass both checks and are outside what the analysis can see.
 
 import dataclasses
 
-from keras_accum import _keras_internals
-from keras_accum.objectives import Coefficients
+import keras
+
+from keras_accum._compat import trainer as compat_trainer
+from keras_accum.core.objectives import Coefficients
 
 
 @dataclasses.dataclass
@@ -60,7 +62,7 @@ def is_keras_combination(model, recorded):
     read from the step; nothing else needs checking."""
     if overrides_compute_loss(model):
         return False
-    flat = _keras_internals.compiled_losses(model)
+    flat = compat_trainer.compiled_losses(model)
     terms = recorded.terms
     return (
         flat is not None
@@ -70,12 +72,17 @@ def is_keras_combination(model, recorded):
 
 
 def overrides_compute_loss(model):
-    """Whether `model`'s class defines its own `compute_loss`."""
-    from keras_accum.accumulating_model import AccumulatingModel
+    """Whether `model`'s class defines its own `compute_loss`.
 
+    True when the first class up `type(model).__mro__` that defines
+    `compute_loss` is not one `keras.Model` inherits from: a class of the
+    user's. keras_accum's own classes (`AccumulatingModel` and the
+    backends' trainers) leave `compute_loss` to Keras, which
+    `tests/loss_rule_test.py` checks.
+    """
     for cls in type(model).__mro__:
         if "compute_loss" in cls.__dict__:
-            return not issubclass(AccumulatingModel, cls)
+            return not issubclass(keras.Model, cls)
     return False
 
 
@@ -85,7 +92,7 @@ def losses_count(model, recorded):
     return (
         len(recorded.penalties)
         + len(recorded.added)
-        + len(_keras_internals.regularization_losses(model))
+        + len(compat_trainer.regularization_losses(model))
     )
 
 
@@ -108,7 +115,7 @@ def attribute(model, recorded, probe):
     losses = losses_count(model, recorded)
     checked = not is_keras_combination(model, recorded)
     found = probe(len(recorded.known_terms), losses, checked)
-    regularisation = len(_keras_internals.regularization_losses(model))
+    regularisation = len(compat_trainer.regularization_losses(model))
     scales = found.loss_scales or [1.0] * len(found.losses)
     first = len(found.losses) - regularisation
     coefficients = Coefficients(

@@ -29,9 +29,10 @@ import dataclasses
 
 from keras import ops
 
-from keras_accum import _keras_internals
-from keras_accum.loss_normalisers import NONE
-from keras_accum.loss_normalisers import SUM
+from keras_accum._compat import losses as compat_losses
+from keras_accum._compat import trainer as compat_trainer
+from keras_accum.core.loss_normalisers import NONE
+from keras_accum.core.loss_normalisers import SUM
 
 AUTO = "auto"
 SHARED = "shared"
@@ -122,7 +123,7 @@ def replica_scale(normaliser):
     applied, not multiplying by the replica count, makes the weighted
     replica gradients add up to the window's sum for any replica count.
     """
-    applied = _keras_internals.scale_loss_for_distribution(
+    applied = compat_losses.scale_loss_for_distribution(
         ops.ones((), normaliser.dtype)
     )
     return ops.stop_gradient(normaliser) / applied
@@ -232,7 +233,7 @@ def micro_batch_contribution(model, recorded, loss, batch_size,
     logging_weight = normalisers[0] if divides[0] else examples
     logged_terms = None
     if len(parts) > 1:
-        unscale = _keras_internals.unscale_loss_for_distribution
+        unscale = compat_losses.unscale_loss_for_distribution
         values = [
             unscale(value) if divided else value
             for value, divided in zip(weighted, divides)
@@ -255,17 +256,18 @@ def micro_batch_contribution(model, recorded, loss, batch_size,
 def _weight_regularisation(model, coefficients, dtype):
     """The weight-regularisation part of the loss: as the loss holds it,
     and as its objective (scaled for distribution as Keras scales it)."""
-    in_loss = objective = ops.zeros((), dtype)
+    # Two tensors, and `x = x + y`, not `+=`: a torch tensor adds in place.
+    in_loss, objective = ops.zeros((), dtype), ops.zeros((), dtype)
     for value, factor, scale in zip(
-        _keras_internals.regularization_losses(model),
+        compat_trainer.regularization_losses(model),
         coefficients.regularisation,
         coefficients.regularisation_scales,
     ):
         part = ops.stop_gradient(ops.cast(factor, dtype)) * ops.cast(
             ops.sum(value), dtype
         )
-        in_loss += part
-        objective += part * ops.cast(scale, dtype)
+        in_loss = in_loss + part
+        objective = objective + part * ops.cast(scale, dtype)
     return in_loss, objective
 
 

@@ -26,7 +26,8 @@ import threading
 import keras
 from keras import ops
 
-from keras_accum import _keras_internals
+from keras_accum._compat import losses as compat_losses
+from keras_accum._compat import regularisers as compat_regularisers
 
 SUM = "sum"
 
@@ -121,7 +122,7 @@ def _elements(values, sample_weight):
     """Number of elements the reduced loss values have, after broadcasting."""
     if sample_weight is None:
         return ops.cast(ops.size(values), values.dtype)
-    values, sample_weight = _keras_internals.squeeze_or_expand_to_same_rank(
+    values, sample_weight = compat_losses.squeeze_or_expand_to_same_rank(
         values, sample_weight
     )
     # The size of the broadcast product: shapes may be dynamic (TensorFlow).
@@ -143,8 +144,10 @@ def _normaliser(values, sample_weight, mask, reduction, dtype):
     if reduction == "mean_with_sample_weight":
         if mask is not None:
             mask = ops.cast(ops.convert_to_tensor(mask), values.dtype)
-        weights = _keras_internals.apply_mask(
-            sample_weight, mask, dtype=values.dtype, reduction=reduction
+        weights = compat_losses.apply_mask(
+            # A copy: `apply_mask` multiplies in place on torch.
+            None if sample_weight is None else ops.copy(sample_weight),
+            mask, dtype=values.dtype, reduction=reduction,
         )
         if weights is None:
             return ops.cast(ops.size(values), values.dtype)
@@ -162,7 +165,7 @@ def _normaliser(values, sample_weight, mask, reduction, dtype):
     # round-off. A batch with no element at all (a replica's empty shard of
     # a ragged last batch) has 0 / 0 here; Keras' loss is 0 there
     # (`divide_no_nan`), and so is its normaliser.
-    valid = _keras_internals.masked_valid_count(valid)
+    valid = compat_losses.masked_valid_count(valid)
     return ops.where(
         ops.equal(elements, total),
         valid,
@@ -177,17 +180,24 @@ def _recording_reduce_weighted_values(
     reduction="sum_over_batch_size",
     dtype=None,
 ):
+    recorder = getattr(_state, "recorder", None)
+    weights_for_keras = sample_weight
+    if recorder is not None and sample_weight is not None:
+        # Keras' `apply_mask` folds the mask into the weights with `*=`,
+        # which on torch multiplies the caller's tensor in place: Keras
+        # gets its own copy, so that the normaliser below reads the weights
+        # as they were passed (and autograd keeps the version it saved).
+        weights_for_keras = ops.copy(sample_weight)
     loss = _original_reduce_weighted_values(
         values,
-        sample_weight=sample_weight,
+        sample_weight=weights_for_keras,
         mask=mask,
         reduction=reduction,
         dtype=dtype,
     )
-    recorder = getattr(_state, "recorder", None)
     if recorder is None:
         return loss
-    reduction = _keras_internals.standardize_reduction(reduction)
+    reduction = compat_losses.standardize_reduction(reduction)
     name = _caller_name()
     if reduction in (None, NONE):
         recorder.terms.append(LossTerm(NONE, None, loss, name=name))
@@ -237,13 +247,13 @@ def note_aggregated(loss):
 def expect_activity_penalty(layer, output):
     """Notes that `layer`'s next `add_loss` is its activity penalty on
     `output` (called by the regulariser wrapper of
-    `_keras_internals.record_activity_regularisation`)."""
+    `compat_regularisers.record_activity_regularisation`)."""
     recorder = getattr(_state, "recorder", None)
     if recorder is None:
         return
     examples = None
     if (
-        _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN
+        compat_regularisers.ACTIVITY_REGULARISATION_IS_BATCH_MEAN
         and len(output.shape) > 0
     ):
         examples = ops.shape(output)[0]
@@ -270,11 +280,11 @@ def _install():
     if not installed:
         keras.layers.Layer.add_loss = _recording_add_loss
     _original_reduce_weighted_values, installed = _hooked(
-        _keras_internals.reduce_weighted_values(),
+        compat_losses.reduce_weighted_values(),
         _recording_reduce_weighted_values,
     )
     if not installed:
-        _keras_internals.set_reduce_weighted_values(
+        compat_losses.set_reduce_weighted_values(
             _recording_reduce_weighted_values
         )
 
@@ -308,7 +318,7 @@ def record_loss_normalisers(model=None, substitute=None):
     recorded = StepLosses(substitute=substitute)
     _state.recorder = recorded
     try:
-        with _keras_internals.record_activity_regularisation(
+        with compat_regularisers.record_activity_regularisation(
             model, expect_activity_penalty
         ):
             yield recorded

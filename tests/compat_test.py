@@ -1,7 +1,7 @@
 """Every private Keras touchpoint still behaves as keras_accum relies on.
 
-`keras_accum/_keras_internals.py` is the only module reaching below Keras'
-public API. A new Keras release that renames, moves or changes one of those
+`keras_accum/_compat/` is the only package reaching below Keras' public
+API. A new Keras release that renames, moves or changes one of those
 pieces fails here, by name, rather than deep inside a training step.
 """
 
@@ -11,12 +11,17 @@ import keras
 import numpy as np
 import pytest
 
-from keras_accum import _keras_internals
-from keras_accum import loss_normalisers
+from keras_accum._compat import functional as compat_functional
+from keras_accum._compat import losses as compat_losses
+from keras_accum._compat import regularisers as compat_regularisers
+from keras_accum._compat import trainer as compat_trainer
+from keras_accum._compat import variables as compat_variables
+from keras_accum._compat import versions as compat_versions
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
+from keras_accum.core import loss_normalisers
 from tests import helpers
 
-pytestmark = [pytest.mark.slice, pytest.mark.jax]
+pytestmark = [pytest.mark.slice, pytest.mark.backends]
 
 
 def _compiled_model():
@@ -31,7 +36,7 @@ def _compiled_model():
 def test_loss_reduction_hook_sees_every_keras_loss():
     """Catches Keras no longer routing `Loss.__call__` through the module's
     `reduce_weighted_values` (the normalisers would go unrecorded)."""
-    hook = _keras_internals.reduce_weighted_values()
+    hook = compat_losses.reduce_weighted_values()
     assert getattr(hook, "_keras_accum_hook", False)
     with loss_normalisers.record_loss_normalisers() as recorded:
         keras.losses.MeanSquaredError()(np.ones((4, 1)), np.zeros((4, 1)))
@@ -59,7 +64,7 @@ def test_add_loss_hook_tells_penalties_from_other_losses():
         model(np.ones((4, 3)))
     assert len(recorded.penalties) == 1 and len(recorded.added) == 1
     examples = recorded.penalties[0].examples
-    if _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN:
+    if compat_regularisers.ACTIVITY_REGULARISATION_IS_BATCH_MEAN:
         assert int(examples) == 4
     else:
         assert examples is None
@@ -73,7 +78,7 @@ def test_loss_module_functions_keep_their_signatures():
         "scale_loss_for_distribution": ["value"],
         "unscale_loss_for_distribution": ["value"],
     }
-    module = _keras_internals.loss_module
+    module = compat_losses.loss_module
     for name, parameters in expected.items():
         signature = inspect.signature(getattr(module, name))
         assert list(signature.parameters) == parameters, name
@@ -84,11 +89,11 @@ def test_masked_divisor_matches_keras():
     entries, plus epsilon before 3.13), which `masked_valid_count` mirrors."""
     values = np.arange(1.0, 7.0).reshape(2, 3)
     mask = np.array([[1, 1, 0], [1, 0, 0]], "float64")
-    weights = _keras_internals.apply_mask(
+    weights = compat_losses.apply_mask(
         None, mask, dtype="float64", reduction="sum_over_batch_size"
     )
     keras_loss = float(np.sum(values * np.asarray(weights)) / values.size)
-    valid = _keras_internals.masked_valid_count(np.float64(mask.sum()))
+    valid = compat_losses.masked_valid_count(np.float64(mask.sum()))
     divisor = float(values.size * valid / mask.size)
     ours = float(np.sum(values * mask)) / divisor
     # The epsilon before 3.13 is 1e-8 relative here: compare far tighter.
@@ -100,15 +105,15 @@ def test_functional_pieces():
     `functional_init_arguments`, or renamed graph structures."""
     inputs, outputs = helpers.dense_graph()
     graph = keras.Model(inputs, outputs)
-    assert isinstance(graph, _keras_internals.Functional)
-    assert _keras_internals.functional_init_arguments((inputs, outputs), {})
-    assert not _keras_internals.functional_init_arguments((), {})
-    structure = _keras_internals.graph_structure(graph)
+    assert isinstance(graph, compat_functional.Functional)
+    assert compat_functional.functional_init_arguments((inputs, outputs), {})
+    assert not compat_functional.functional_init_arguments((), {})
+    structure = compat_functional.graph_structure(graph)
     assert structure[0] is inputs and structure[1] is outputs
     sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     assert isinstance(
-        _keras_internals.sequential_graph(sequential),
-        _keras_internals.Functional,
+        compat_functional.sequential_graph(sequential),
+        compat_functional.Functional,
     )
 
 
@@ -125,28 +130,39 @@ def test_model_internals():
     `loss_weights`, the loss tracker, `_compute_loss`, regularisation
     losses, `_maybe_symbolic_build(iterator, data_batch)` and attributes."""
     model = _compiled_model()
-    terms = _keras_internals.compiled_losses(model)
+    terms = compat_trainer.compiled_losses(model)
     assert len(terms) == 1 and terms[0].loss_weights == 0.5
-    assert isinstance(_keras_internals.loss_tracker(model),
+    assert isinstance(compat_trainer.loss_tracker(model),
                       keras.metrics.Mean)
-    assert _keras_internals.regularization_losses(model) == []
+    assert compat_trainer.regularization_losses(model) == []
     x, y = helpers.regression_data(4)
-    loss = _keras_internals.compute_loss(
+    loss = compat_trainer.compute_loss(
         model, x=x, y=y, y_pred=model(x), sample_weight=None, training=True
     )
     assert loss.shape == ()
     if keras.backend.backend() == "tensorflow":
         parameters = inspect.signature(
-            getattr(keras.Model, _keras_internals.MAYBE_SYMBOLIC_BUILD)
+            getattr(keras.Model, compat_trainer.MAYBE_SYMBOLIC_BUILD)
         ).parameters
         assert {"iterator", "data_batch"} <= set(parameters)
-    else:
-        for name, expected in _keras_internals.JAX_TRAINER_METHODS.items():
+    elif keras.backend.backend() == "jax":
+        for name, expected in compat_trainer.JAX_TRAINER_METHODS.items():
             parameters = inspect.signature(getattr(keras.Model, name))
             assert set(expected) <= set(parameters.parameters), name
-    for name in _keras_internals.MODEL_ATTRIBUTES:
+    for name in compat_trainer.MODEL_ATTRIBUTES:
         assert hasattr(model, name), name
-    assert model in _keras_internals.all_layers(model)
+    assert model in compat_trainer.all_layers(model)
+
+
+def test_replica_local_variable_arguments():
+    """Catches a `keras.Variable` that no longer takes the
+    `synchronization` and `aggregation` of the accumulators."""
+    variable = keras.Variable(
+        np.zeros((2,), "float32"), trainable=False,
+        **compat_variables.REPLICA_LOCAL_SUM,
+    )
+    assert variable.synchronization == "on_read"
+    assert variable.aggregation == "sum"
 
 
 def test_activity_regularisation_semantics_match_the_version_flag():
@@ -158,20 +174,20 @@ def test_activity_regularisation_semantics_match_the_version_flag():
     )
     layer(np.ones((4, 1), "float32"))
     penalty = float(sum(layer.losses))
-    expected = 1.0 if _keras_internals.ACTIVITY_REGULARISATION_IS_BATCH_MEAN \
-        else 4.0
+    batch_mean = compat_regularisers.ACTIVITY_REGULARISATION_IS_BATCH_MEAN
+    expected = 1.0 if batch_mean else 4.0
     assert penalty == pytest.approx(expected)
 
 
 def test_missing_touchpoint_names_keras_version_and_piece():
     """Catches a deep traceback (or silence) where a touchpoint is missing."""
-    error = _keras_internals._missing("keras.src.example.piece")
+    error = compat_versions.missing("keras.src.example.piece")
     assert keras.version() in str(error)
     assert "keras.src.example.piece" in str(error)
 
     class Bare:
         pass
 
-    with pytest.raises(_keras_internals.KerasInternalsError,
+    with pytest.raises(compat_versions.KerasInternalsError,
                        match="_loss_tracker"):
-        _keras_internals.loss_tracker(Bare())
+        compat_trainer.loss_tracker(Bare())

@@ -1,0 +1,1 @@
+"""The backend-neutral core of accumulation, written with `keras.ops`."""
