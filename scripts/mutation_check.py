@@ -320,7 +320,9 @@ MUTANTS = (
         "accumulate-missing-from-get-config",
         "keras_accum/accumulating_model.py",
         '        config["accumulate"] = self._schedule.get_config()\n',
-        "",
+        # `_accumulation_arguments` also writes the window (as a value): the
+        # bug drops it altogether.
+        '        config.pop("accumulate")\n',
         (
             "tests/saving_test.py::test_save_load_resume_equals_uninterrupted"
             "[3]",
@@ -649,8 +651,8 @@ MUTANTS = (
     Mutant(
         "torch-sample-weight-masked-in-place",
         "keras_accum/core/loss_normalisers.py",
-        "        weights_for_keras = ops.copy(sample_weight)\n",
-        "        weights_for_keras = sample_weight\n",
+        "            None if sample_weight is None else ops.copy(sample_weight),\n",
+        "            sample_weight,\n",
         (f"{T_NORMALISATION}::TestMaskedSequences::"
          "test_mean_with_sample_weight_over_masked_tokens",),
         backend="torch",

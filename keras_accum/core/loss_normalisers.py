@@ -145,7 +145,11 @@ def _normaliser(values, sample_weight, mask, reduction, dtype):
         if mask is not None:
             mask = ops.cast(ops.convert_to_tensor(mask), values.dtype)
         weights = compat_losses.apply_mask(
-            # A copy: `apply_mask` multiplies in place on torch.
+            # A copy: `apply_mask` folds the mask in with `*=`, which on
+            # torch multiplies the caller's tensor in place, after Keras'
+            # own loss saved it for the backward pass. (Keras masked the
+            # caller's weights in place already; a 0/1 mask again changes
+            # nothing, so the sum is the same.)
             None if sample_weight is None else ops.copy(sample_weight),
             mask, dtype=values.dtype, reduction=reduction,
         )
@@ -180,21 +184,14 @@ def _recording_reduce_weighted_values(
     reduction="sum_over_batch_size",
     dtype=None,
 ):
-    recorder = getattr(_state, "recorder", None)
-    weights_for_keras = sample_weight
-    if recorder is not None and sample_weight is not None:
-        # Keras' `apply_mask` folds the mask into the weights with `*=`,
-        # which on torch multiplies the caller's tensor in place: Keras
-        # gets its own copy, so that the normaliser below reads the weights
-        # as they were passed (and autograd keeps the version it saved).
-        weights_for_keras = ops.copy(sample_weight)
     loss = _original_reduce_weighted_values(
         values,
-        sample_weight=weights_for_keras,
+        sample_weight=sample_weight,
         mask=mask,
         reduction=reduction,
         dtype=dtype,
     )
+    recorder = getattr(_state, "recorder", None)
     if recorder is None:
         return loss
     reduction = compat_losses.standardize_reduction(reduction)
