@@ -132,7 +132,10 @@ def _substituted(model, data, y_pred, terms, losses, check):
     finally:
         with torch.no_grad():
             for variable, before in saved:
-                variable.value.copy_(before)
+                # Only what the run changed: writing a frozen weight the
+                # step's forward pass used would invalidate its backward.
+                if not torch.equal(variable.value, before):
+                    variable.value.copy_(before)
     found = torch.autograd.grad(
         value, [probes, entries], create_graph=check, allow_unused=True,
         retain_graph=True,
