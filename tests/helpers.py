@@ -38,6 +38,19 @@ SEVERAL_STEPS_PER_EXECUTION = pytest.mark.skipif(
 )
 
 
+def own_torch_update(self, data):
+    """A torch `train_step` that applies its own update: Keras' own torch
+    step, written out (backward, then `optimizer.apply`). Set it as a
+    subclass's `train_step`; keras_accum must refuse it."""
+    x, y = data
+    self.zero_grad()
+    loss = keras.ops.mean((self(x, training=True) - y) ** 2)
+    loss.backward()
+    variables = self.trainable_variables
+    self.optimizer.apply([v.value.grad for v in variables], variables)
+    return {"loss": loss}
+
+
 def relative_error(weights, reference):
     """Max over tensors of ||w - r|| / ||r||.
 

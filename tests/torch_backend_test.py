@@ -14,7 +14,6 @@ import pytest
 from keras_accum import AccumulatingModel
 from keras_accum.accumulating_model import FunctionalAccumulatingModel
 from tests import helpers
-from tests import workflows_test
 
 pytestmark = [
     pytest.mark.backends,
@@ -77,16 +76,16 @@ def test_custom_step_through_super_is_exact(micro_batch_size):
     helpers.assert_exact(model.get_weights(), _big_batch(3))
 
 
+class _OwnUpdate(FunctionalAccumulatingModel):
+    train_step = helpers.own_torch_update
+
+
 def test_refused_custom_step_leaves_weights_as_they_were():
     """torch runs the step before it can be refused (TensorFlow and JAX
     refuse while tracing): the update it applied is undone."""
     x, y = _data()
-    # Keras' own torch step, written out: backward, then `apply`.
-    model = workflows_test.custom_train_step_class(AccumulatingModel)(
-        accumulate=3
-    )
+    model = _OwnUpdate(*helpers.dense_graph(), accumulate=3)
     model.compile(optimizer="sgd", loss="mse")
-    model.build((None, x.shape[1]))
     start = model.get_weights()
     with pytest.raises(TypeError, match="accumulated no gradient"):
         model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)

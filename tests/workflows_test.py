@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 import keras_accum
+from tests import helpers
 from tests import workflows
 from tests.helpers import RTOL
 from tests.helpers import NaiveAveragingModel
@@ -520,15 +521,7 @@ def custom_train_step_class(base):
             return {"loss": loss}
 
     class TorchCustomStep(mlp_class(base)):
-        # Keras' own torch step, written out: backward, then `apply`.
-        def train_step(self, data):
-            x, y = data
-            self.zero_grad()
-            loss = keras.ops.mean((self(x, training=True) - y) ** 2)
-            loss.backward()
-            variables = self.trainable_variables
-            self.optimizer.apply([v.value.grad for v in variables], variables)
-            return {"loss": loss}
+        train_step = helpers.own_torch_update
 
     return TorchCustomStep if keras.backend.backend() == "torch" else CustomStep
 
