@@ -1,8 +1,8 @@
 """The README's quick start runs, on the backend `KERAS_BACKEND` names.
 
 The code block under "## Quick start" runs as a user runs it: in a fresh
-Python process, once with `KERAS_BACKEND=tensorflow` and once with
-`KERAS_BACKEND=jax`, and must print its 10 updates on that backend.
+Python process, once with each `KERAS_BACKEND` (`tensorflow`, `jax`,
+`torch`), and must print its 10 updates on that backend.
 """
 
 import os
@@ -22,7 +22,7 @@ def quick_start():
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_quick_start_runs_on_the_chosen_backend(backend, tmp_path):
     """Catches a quick start that overrides `KERAS_BACKEND` (it ran on
     TensorFlow whatever the user chose) or whose update count is wrong."""
