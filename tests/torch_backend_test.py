@@ -123,3 +123,28 @@ def test_trains_without_tensorflow_or_jax(tmp_path):
     result = helpers.run_python(script, "torch")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained without tensorflow or jax" in result.stdout
+
+
+def test_freezing_inside_a_window_is_refused_before_any_update():
+    """Plain Keras on torch trains a layer frozen without `compile()` no
+    more, at once; inside a window the summed gradients belong to the old
+    set, so the step refuses instead of applying them to the new one."""
+    x, y = _data()
+    inputs = keras.Input((x.shape[1],))
+    hidden = keras.layers.Dense(4)
+    outputs = keras.layers.Dense(1)(hidden(inputs))
+    model = AccumulatingModel(inputs, outputs, accumulate=4)
+    model.compile(optimizer="sgd", loss="mse")
+
+    class FreezeAfterTwoBatches(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                hidden.trainable = False
+
+    start = model.get_weights()
+    with pytest.raises(ValueError, match="changed since `compile\\(\\)`"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+                  callbacks=[FreezeAfterTwoBatches()])
+    for now, before in zip(model.get_weights(), start):
+        np.testing.assert_array_equal(now, before)
+    assert int(model.optimizer.iterations.numpy()) == 0
