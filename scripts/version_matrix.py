@@ -276,6 +276,12 @@ def write_readme(markdown):
     readme.write_text(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
 
 
+def _print_log_tail(log_path):
+    """Prints the end of a failed combination's log."""
+    lines = log_path.read_text(errors="replace").splitlines()
+    print("\n".join(lines[-60:]), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(MATRIX),
@@ -379,8 +385,7 @@ def main():
                       f"{time.monotonic() - start:.0f} s; log {log_path})",
                       flush=True)
                 if code != 0:
-                    lines = log_path.read_text(errors="replace").splitlines()
-                    print("\n".join(lines[-60:]), flush=True)
+                    _print_log_tail(log_path)
                 continue
             row["tf_ok" if backend == "tensorflow" else f"{field}ok"] = (
                 code == 0)
@@ -392,8 +397,7 @@ def main():
                   f"in all {time.monotonic() - start:.0f} s; log {log_path})",
                   flush=True)
             if code != 0:
-                lines = log_path.read_text(errors="replace").splitlines()
-                print("\n".join(lines[-60:]), flush=True)
+                _print_log_tail(log_path)
         if arguments.install_only:
             continue
         if "jax" in backends:
