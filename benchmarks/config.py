@@ -125,3 +125,19 @@ TORCH_THREADS = 1
 TORCH_MEMORY_KS = (4, 8, 32)
 TORCH_MEMORY_EPOCHS = 1
 TORCH_MEMORY_WARMUP_EPOCHS = 0
+
+# Cost of `noise_scale=True` (`noise_scale_cost.py`, issue 29): keras_accum
+# `accumulate=k` with and without the noise scale, alternating epochs in
+# one process per (model, optimizer). A cost of a few percent under
+# epoch-to-epoch noise of +-10-15% needs many short rounds: epochs of
+# ~0.3-1 s on a quiet machine, 64-128 micro-steps (8-16 windows), so the epoch-end
+# read-out of the estimate weighs as it would in a real epoch.
+NOISE_SCALE_K = 8
+NOISE_SCALE_MODELS = ("mlp", "transformer")
+NOISE_SCALE_OPTIMIZERS = ("sgd", "adam")
+NOISE_SCALE_EXAMPLES = {
+    "tensorflow": {"mlp": 4096, "transformer": 2048},
+    "jax": {"mlp": 2048, "transformer": 2048},
+    "torch": {"mlp": 1024, "transformer": 1024},
+}
+NOISE_SCALE_ROUNDS = {"tensorflow": 30, "jax": 40, "torch": 30}

@@ -20,6 +20,9 @@ compiled model plus the batch size its `fit` uses:
   on_nonfinite="skip")`, whose step checks and scales every micro-batch's
   gradients: the cost of the library's step before it weighted the loss and
   moved the finiteness check to the window (profile only).
+- `keras_accum_noise`: `AccumulatingModel(accumulate=k, noise_scale=True)`
+  at `b`: the gradient noise scale measured on every window (issue 29;
+  `noise_scale_cost.py` times it against `keras_accum`).
 - `fwd_bwd`: the reference for the per-micro-step overhead: a model whose
   `train_step` does the forward and backward pass and nothing else
   (TensorFlow only).
@@ -51,6 +54,7 @@ LABELS = {
     "fwd_bwd": "forward+backward only (reference)",
     "keras_accum_skip": 'keras_accum accumulate=k, on_nonfinite="skip"',
     "keras_accum_xla_apply": "variant: XLA window apply only",
+    "keras_accum_noise": "keras_accum accumulate=k, noise_scale=True",
 }
 
 # Private variants of the library step (variants.py), for profile_step.py.
@@ -179,6 +183,11 @@ def build(config, model_name, optimizer_name, learning_rate, micro_batch,
         model = build_model(
             model_name, keras_accum.AccumulatingModel, seed=seed,
             accumulate="epoch",
+        )
+    elif method == "keras_accum_noise":
+        model = build_model(
+            model_name, keras_accum.AccumulatingModel, seed=seed,
+            accumulate=k, noise_scale=True,
         )
     elif method == "keras_accum_skip":
         model = build_model(

@@ -22,6 +22,7 @@ from keras_accum.core import validation
 from keras_accum.core import window_loss
 from keras_accum.core.lifecycle import WindowLifecycle
 from keras_accum.core.loss_terms import LossTerms
+from keras_accum.core.noise_scale_estimation import NoiseScaleEstimation
 from keras_accum.core.step_functions import StepFunctions
 from keras_accum.core.window_plan import WindowPlan
 from keras_accum.core.window_schedule import WindowSchedule
@@ -36,7 +37,8 @@ _FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
 @keras.saving.register_keras_serializable(package="keras_accum")
 class AccumulatingModel(
-    AccumulationTrainer, WindowLifecycle, LossTerms, keras.Model
+    AccumulationTrainer, WindowLifecycle, LossTerms, NoiseScaleEstimation,
+    keras.Model,
 ):
     """A `keras.Model` that accumulates gradients over a window of batches.
 
@@ -72,7 +74,10 @@ class AccumulatingModel(
     Args:
         accumulate: `"epoch"` for one update per epoch, or an int >= 1 for an
             update every `accumulate` mini-batches. `1` trains exactly like
-            `keras.Model`. Defaults to `"epoch"`.
+            `keras.Model`. A dict `{first_epoch: window}` or a callable
+            `epoch -> window` changes it per epoch; `"auto"` or a
+            `NoiseScaleSchedule` sets each epoch's window from the measured
+            gradient noise scale. Defaults to `"epoch"`.
         reduction: `"mean"` applies the gradient of the loss over the whole
             window (exact big-batch equivalence). `"sum"` applies the running
             total of the per-mini-batch gradients. Defaults to `"mean"`.
@@ -102,6 +107,13 @@ class AccumulatingModel(
         memory_limit: With `micro_batch_size="auto"`, the bytes one step
             may use per device, as XLA accounts them (temporaries plus
             arguments). Defaults to `None`.
+        noise_scale: `True` measures the gradient noise scale of
+            McCandlish et al. 2018 from the micro-batches' and the
+            windows' gradients (`noise_scale_estimate`; the epoch logs'
+            `noise_scale`, `noise_scale_trace`, `noise_scale_grad_sq`).
+            Needs `reduction="mean"` and windows of at least two
+            micro-batches. `None` turns it on exactly when `accumulate`
+            follows it (`"auto"`). Defaults to `None`.
         **kwargs: Passed to `keras.Model`.
 
     Raises:
@@ -154,12 +166,16 @@ class AccumulatingModel(
         on_nonfinite="raise",
         micro_batch_size=None,
         memory_limit=None,
+        noise_scale=None,
         **kwargs,
     ):
         validation.require_supported_backend("AccumulatingModel")
         micro_batches.validate(micro_batch_size, memory_limit)
         schedule = WindowSchedule(accumulate)
         validation.validate_reduction(reduction)
+        noise_scale = validation.validate_noise_scale(
+            noise_scale, schedule, reduction, micro_batch_size
+        )
         validation.validate_choice(
             loss_normalisation, "loss_normalisation",
             objectives.LOSS_NORMALISATIONS,
@@ -194,6 +210,10 @@ class AccumulatingModel(
         self._on_nonfinite = on_nonfinite
         self._micro_batch_size = micro_batch_size
         self._memory_limit = memory_limit
+        self._noise_scale = noise_scale
+        # The noise scale's moving averages until accumulators hold them
+        # (restored by `load_own_variables`; `None`: not measured yet).
+        self._noise_state = None
         # Under `"auto"`, the size chosen for the latest input shape.
         self._chosen_micro_batch_size = None
         self._accumulator = self.accumulator_class()
@@ -274,6 +294,7 @@ class AccumulatingModel(
             "on_nonfinite": self._on_nonfinite,
             "micro_batch_size": self._micro_batch_size,
             "memory_limit": self._memory_limit,
+            "noise_scale": self._noise_scale,
         }
 
     def get_config(self):
@@ -401,12 +422,13 @@ def wrap(model, accumulate="epoch", reduction="mean", **kwargs):
 
     Args:
         model: A functional `keras.Model` or a built `keras.Sequential`.
-        accumulate: `"epoch"` or an int >= 1, as in `AccumulatingModel`.
-            Defaults to `"epoch"`.
+        accumulate: `"epoch"`, an int >= 1, a schedule or `"auto"`, as in
+            `AccumulatingModel`. Defaults to `"epoch"`.
         reduction: `"mean"` or `"sum"`, as in `AccumulatingModel`. Defaults
             to `"mean"`.
         **kwargs: Other `AccumulatingModel` arguments: `loss_normalisation`,
-            `on_nonfinite`, `micro_batch_size`, `memory_limit`.
+            `on_nonfinite`, `micro_batch_size`, `memory_limit`,
+            `noise_scale`.
 
     Returns:
         An `AccumulatingModel`.

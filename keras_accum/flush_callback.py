@@ -16,6 +16,7 @@ _ACCUMULATING_MODEL_API = (
     "apply_accumulated_gradients",
     "reset_accumulated_gradients",
     "_begin_epoch",
+    "_noise_scale_logs",
 )
 
 
@@ -96,10 +97,10 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_pending = True
         self._batches_seen = 0
+        self.model._begin_epoch(epoch)
         self._window = self.model._schedule.window_size(epoch)
         self._windows_checked = 0
         self._deferred_check = None
-        self.model._begin_epoch(epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
         # Windows are checked from here, not from `on_train_batch_end`: one
@@ -160,6 +161,10 @@ class ApplyAccumulatedGradients(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._apply_pending()
+        if logs is not None and self._model.noise_scale:
+            # After the epoch's last window: the estimate every later
+            # callback (`History`, `UpdateTensorBoard`) logs.
+            logs.update(self._model._noise_scale_logs())
 
     def _apply_pending(self):
         if not self._epoch_pending:

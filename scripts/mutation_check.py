@@ -245,8 +245,8 @@ MUTANTS = (
     Mutant(
         "nonfinite-window-applied",
         "keras_accum/backend/tensorflow/window_update.py",
-        "normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)",
-        "normalisers, finite = totals[:-1], tf.constant(True)",
+        "finite = tf.equal(totals[terms], 0)",
+        "finite = tf.constant(True)",
         (
             f"{T_NONFINITE}::"
             "test_raise_names_epoch_and_window_and_keeps_weights",
@@ -672,6 +672,232 @@ MUTANTS = (
         "",
         ("tests/torch_backend_test.py::"
          "test_refused_custom_step_leaves_weights_as_they_were",),
+        backend="torch",
+    ),
+    # The gradient noise scale (`noise_scale=True`): wrong estimators, each
+    # caught by `tests/noise_scale_test.py` (closed form, per-example
+    # brute force, sampling error).
+    Mutant(
+        "noise-scale-micro-batch-norm-alone",
+        "keras_accum/core/noise_scale.py",
+        "    trace = ops.divide_no_nan(q - total * g2, n - 1)\n",
+        "    trace = ops.divide_no_nan(q, n)\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_linear_regression_matches_its_closed_form",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[ragged]",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+    ),
+    Mutant(
+        "noise-scale-window-norm-of-sums",
+        "keras_accum/core/noise_scale.py",
+        "    g2 = ops.cast(window_squared_norm, dtype)\n",
+        "    g2 = ops.cast(window_squared_norm, dtype) * ops.square(\n"
+        "        ops.cast(normaliser, dtype)\n"
+        "    )\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_linear_regression_matches_its_closed_form",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[weight-sum]",
+            "tests/noise_scale_test.py::"
+            "test_mirrored_replica_shards_are_micro_batches",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+    ),
+    Mutant(
+        # The paper's equal-size estimator applied to unequal micro-batches:
+        # each at the mean size `B / n`, `Q = (B / n) sum |g_i|^2`. Equal
+        # sizes give the same estimate, so only unequal ones catch it.
+        "noise-scale-equal-sizes-assumed",
+        "keras_accum/core/noise_scale.py",
+        "        ops.divide_no_nan(ops.cast(added_squared_norm, dtype), "
+        "normaliser),\n"
+        "        ops.cast(ops.greater(normaliser, 0), dtype),\n"
+        "    ])\n"
+        "\n"
+        "\n"
+        "def updated_state(state, sums, window_squared_norm, normaliser, "
+        "batches):\n"
+        '    """The moving averages after one applied window.\n'
+        "\n"
+        "    Args:\n"
+        "        state: The state vector before the window.\n"
+        "        sums: The window's sums over every replica: `[Q, n]`.\n"
+        "        window_squared_norm: `|G_B|^2`, the squared norm of the "
+        "gradient\n"
+        "            the window applies (before clipping).\n"
+        "        normaliser: `B`, the window's summed normaliser.\n"
+        "        batches: The `fit` batches in the window.\n"
+        "\n"
+        "    Returns:\n"
+        "        The new state vector; the old one where the window cannot "
+        "measure\n"
+        "        (fewer than two micro-batches, or a value that is not "
+        "finite).\n"
+        '    """\n'
+        "    dtype = state.dtype\n"
+        "    q, n = sums[0], sums[1]\n",
+        "        ops.divide_no_nan(ops.cast(added_squared_norm, dtype),\n"
+        "                          ops.square(normaliser)),\n"
+        "        ops.cast(ops.greater(normaliser, 0), dtype),\n"
+        "    ])\n"
+        "\n"
+        "\n"
+        "def updated_state(state, sums, window_squared_norm, normaliser, "
+        "batches):\n"
+        "    dtype = state.dtype\n"
+        "    n = sums[1]\n"
+        "    q = ops.divide_no_nan(sums[0] * ops.cast(normaliser, dtype), n)\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[ragged]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[weight-sum]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[micro-batch-size]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[masked-tokens]",
+            "tests/noise_scale_test.py::"
+            "test_mirrored_replica_shards_are_micro_batches",
+        ),
+    ),
+    Mutant(
+        # `n` as the window's `fit` batches: wrong with micro-batches split
+        # from a batch, replicas' shards, or empty micro-batches.
+        "noise-scale-n-counts-fit-batches",
+        "keras_accum/core/noise_scale.py",
+        "    q, n = sums[0], sums[1]\n",
+        "    q, n = sums[0], ops.cast(batches, dtype)\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[weight-sum]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[micro-batch-size]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[masked-tokens]",
+            "tests/noise_scale_test.py::"
+            "test_mirrored_replica_shards_are_micro_batches",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+    ),
+    Mutant(
+        "noise-scale-empty-micro-batch-counted",
+        "keras_accum/core/noise_scale.py",
+        "        ops.cast(ops.greater(normaliser, 0), dtype),\n",
+        "        ops.ones((), dtype),\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[weight-sum]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients"
+            "[skipped-non-finite]",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[masked-tokens]",
+            "tests/noise_scale_test.py::"
+            "test_mirrored_replica_shards_are_micro_batches",
+        ),
+    ),
+    Mutant(
+        "noise-scale-q-not-divided-by-size",
+        "keras_accum/core/noise_scale.py",
+        "        ops.divide_no_nan(ops.cast(added_squared_norm, dtype), "
+        "normaliser),\n",
+        "        ops.cast(added_squared_norm, dtype),\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_linear_regression_matches_its_closed_form",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[ragged]",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+    ),
+    Mutant(
+        "noise-scale-not-debiased",
+        "keras_accum/core/noise_scale.py",
+        "    trace, grad_sq = state[TRACE] / weight, state[GRAD_SQ] / weight\n",
+        "    trace, grad_sq = state[TRACE], state[GRAD_SQ]\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_linear_regression_matches_its_closed_form",
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[ragged]",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+    ),
+    Mutant(
+        # Each replica's share of the window's gradient, not the
+        # all-reduced whole.
+        "noise-scale-replica-share-norm",
+        "keras_accum/backend/tensorflow/clipping.py",
+        "        observe(totals)\n",
+        "        observe(gradients)\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_mirrored_replica_shards_are_micro_batches",
+        ),
+    ),
+    Mutant(
+        # A sparse gradient's squared norm over its rows as listed: a token
+        # repeated in a micro-batch is counted apart.
+        "noise-scale-sparse-rows-not-summed",
+        "keras_accum/backend/tensorflow/accumulators.py",
+        "        rows, index = tf.unique(gradient.indices)\n"
+        "        gradient = tf.math.unsorted_segment_sum(\n"
+        "            gradient.values, index, tf.shape(rows)[0]\n"
+        "        )\n",
+        "        gradient = gradient.values\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[masked-tokens]",
+        ),
+    ),
+    Mutant(
+        # The window's running sums instead of the micro-batch's gradient.
+        "jax-noise-scale-running-sums",
+        "keras_accum/backend/jax/accumulation.py",
+        "                    noise_scale.squared_norm(term_gradients[0]),\n",
+        "                    noise_scale.squared_norm(sums[0]),\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[ragged]",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+        backend="jax",
+    ),
+    Mutant(
+        "torch-noise-scale-running-sums",
+        "keras_accum/backend/torch/accumulators.py",
+        "non_empty, squared_norm(added).to(size.dtype) / size, 0.0",
+        "non_empty, squared_norm(totals).to(size.dtype) / size, 0.0",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[ragged]",
+            "tests/noise_scale_test.py::"
+            "test_finite_dataset_within_sampling_error",
+        ),
+        backend="torch",
+    ),
+    Mutant(
+        # The window's gradient measured after the optimizer clips it.
+        "torch-noise-scale-measured-after-clipping",
+        "keras_accum/backend/torch/trainer.py",
+        "            accumulator.update_noise_scale(gradients)\n",
+        "            accumulator.update_noise_scale(\n"
+        "                self.optimizer._clip_gradients(gradients)\n"
+        "            )\n",
+        (
+            "tests/noise_scale_test.py::"
+            "test_one_window_matches_per_example_gradients[clipnorm]",
+        ),
         backend="torch",
     ),
 )

@@ -16,12 +16,12 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(REPOSITORY, "benchmarks", "run.py")
 
 
-@pytest.mark.slow
-def test_quick_benchmark_writes_results(tmp_path):
+def _run_on_tensorflow(script, *arguments):
+    """Runs a benchmark script on TensorFlow; fails with its stderr."""
     environment = dict(os.environ, KERAS_BACKEND="tensorflow",
                        TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
-        [sys.executable, RUN, "--quick", "--out", str(tmp_path)],
+        [sys.executable, script, *arguments],
         cwd=REPOSITORY,
         env=environment,
         capture_output=True,
@@ -30,6 +30,11 @@ def test_quick_benchmark_writes_results(tmp_path):
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results(tmp_path):
+    _run_on_tensorflow(RUN, "--quick", "--out", str(tmp_path))
 
     assert (tmp_path / "results.md").is_file()
     assert (tmp_path / "results" / "benchmark.png").is_file()
@@ -66,3 +71,26 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert text.startswith("intro\n") and text.endswith(
         f"{report.README_END}\nend\n"
     )
+
+
+@pytest.mark.slow
+def test_noise_scale_cost_writes_results(tmp_path):
+    """Smoke test of `benchmarks/noise_scale_cost.py` (issue 29): one
+    round, one optimizer; checks the files, not the numbers."""
+    _run_on_tensorflow(
+        os.path.join(REPOSITORY, "benchmarks", "noise_scale_cost.py"),
+        "--rounds", "1", "--optimizers", "adam", "--out", str(tmp_path),
+    )
+    with open(tmp_path / "tensorflow.json") as handle:
+        data = json.load(handle)
+    for model in ("mlp", "transformer"):
+        result = data["results"][model]["adam"]
+        assert "error" not in result, result
+        assert result["rounds"] == 1
+        assert result["ratio"] > 0
+        keys = {row["key"] for row in data["raw"][model]["adam"]}
+        assert keys == {"keras_accum_k8", "keras_accum_noise_k8"}
+        # Both made the same updates: 8 micro-steps per window.
+        off, on = result["updates_per_epoch"]
+        assert off == on == result["micro_steps_per_epoch"] // 8
+    assert "| MLP | adam |" in (tmp_path / "tensorflow.md").read_text()

@@ -9,6 +9,7 @@ objects it returns.
 import importlib
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -201,3 +202,58 @@ def test_keras_hub_data_label_says_whether_the_marker_occurs(
     np.testing.assert_array_equal(tokens[:, 0], 1)  # [CLS]
     np.testing.assert_array_equal(tokens[mask == 0], 0)  # Padding.
     np.testing.assert_array_equal(inputs["segment_ids"], 0)
+
+
+def test_noise_scale_digits_follows_the_measured_noise_scale(tmp_path):
+    """Runs `noise_scale_digits.py` small, on its default backend: the auto
+    run's window of each epoch is the rule applied to the noise scale the
+    history logged at the end of the epoch before, and each run's
+    examples and updates to the target agree with its windows."""
+    out = tmp_path / "out"
+    batch_size, max_window = 16, 8
+    result = run_example(
+        "noise_scale_digits.py",
+        "--epochs", 4,
+        "--max-window", max_window,
+        "--large", 16,
+        "--max-epochs", 12,
+        "--target", 1.0,
+        "--out", out,
+        cwd=tmp_path,
+        backend="tensorflow",
+    )
+
+    assert "| epoch | window | effective batch | updates |" in result.stdout
+    assert "| run | effective batch | examples to val loss 1.0" in (
+        result.stdout
+    )
+    assert (out / "noise_scale.png").read_bytes()[:8] == PNG_SIGNATURE
+    summary = json.loads((out / "noise_scale_results.json").read_text())
+    assert summary["backend"] == "tensorflow"
+    runs = summary["runs"]
+    auto = runs["auto"]
+    noise = auto["history"]["noise_scale"]
+    assert len(noise) == len(auto["windows"]) == 4
+    assert all(math.isfinite(n) and n > 0 for n in noise), noise
+    # 1280 training digits: 80 micro-batches of 16 per epoch, so every
+    # batch's normaliser is 16 examples.
+    assert auto["estimate"]["batch_normaliser"] == pytest.approx(batch_size)
+    assert auto["windows"][0] == 2  # `initial`, before any estimate.
+    for window, previous in zip(auto["windows"][1:], noise):
+        expected = min(max_window, max(2, round(previous / batch_size)))
+        assert window == expected, (auto["windows"], noise)
+    # One update per window, and the leftover window at each epoch's end.
+    assert auto["updates"] == sum(
+        math.ceil(80 / window) for window in auto["windows"]
+    )
+    small, large = runs["small"], runs["large"]
+    # Each fixed run stopped at the target, right after the update that
+    # reached it: window 1 updates on every batch of 16.
+    for run in (auto, small, large):
+        assert run["reached"] is not None
+        assert run["reached"]["val_loss"] <= 1.0
+    assert small["reached"]["examples"] == 16 * small["reached"]["updates"]
+    assert small["examples"] == small["reached"]["examples"]
+    assert large["examples"] == large["reached"]["examples"]
+    assert large["reached"]["examples"] % 256 == 0  # Windows of 16 x 16.
+    assert "keras_accum" not in result.stderr, result.stderr[-4000:]

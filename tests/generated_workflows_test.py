@@ -19,6 +19,12 @@ Verdict per workflow:
   `NotImplementedError` raised by keras_accum's own code (a frame of the
   `keras_accum` package raised it) whose message echoes the offending value
   after "Received" (STYLE.md, point 5);
+* with `noise_scale=True` (the gradient noise scale measured), decided by
+  an oracle written from the features (`noise_scale_refusal`), not by the
+  library: refused, with an error that names `noise_scale`, exactly where
+  the noise scale cannot be measured; elsewhere exact as with it off (the
+  measurement never changes training), with a finite estimate (or none)
+  and one logged `noise_scale` per epoch;
 * skipped (and counted) when the reference itself fails or diverges
   (non-finite, or its loss grows 100-fold): round-off decides chaotic runs;
   or when the accumulating run fails where plain Keras, compiled as it is
@@ -76,8 +82,17 @@ BACKEND = keras.backend.backend()
 # fits; sample-weighted with `steps_per_execution`). 40056: a custom
 # `compute_loss` refrozen between fits, which crashed the torch step (its
 # loss check wrote back the frozen weights the forward pass had used).
-SLICE_SEEDS = (30, 55, 293, 24, 131, 98, 18, 0, 3, 5, 112, 109, 144, 43, 49,
-               40056)
+# With `noise_scale` drawn (last), 109 and 43 drew it on and were refused
+# at their first step, testing neither their custom loss nor their
+# micro-batches: 4990 and 8097 (noise scale off) took their places. Then
+# the noise scale: measured on a loaded model (masked, sample-weighted, on
+# two devices, micro-batches, two fits), 81675; refused for a summed and
+# a mean loss term (two compiled outputs, on two devices), 222; measured
+# across a freeze and a new `compile()` between two fits, 50018 (the
+# TensorFlow step, rebuilding its accumulators inside the trace, read the
+# old estimate with NumPy and crashed).
+SLICE_SEEDS = (30, 55, 293, 24, 131, 98, 18, 0, 3, 5, 112, 4990, 144, 8097,
+               49, 40056, 81675, 222, 50018)
 
 # Seeds of the slice that fail against the current library, by backend:
 # strict, so a fix shows up as an XPASS to remove here. Empty since issue
@@ -116,6 +131,108 @@ def is_clear_refusal(error):
         return False
     frames = traceback.extract_tb(error.__traceback__)
     return any(frame.filename.startswith(_LIBRARY) for frame in frames[-3:])
+
+
+def noise_scale_refusal(features):
+    """Why `noise_scale=True` must be refused for `features`, or `None`.
+
+    The documented rule, written from the features: the noise scale
+    compares the mean gradients of micro-batches and of the window, so it
+    needs windows of at least two micro-batches and a step's loss
+    accumulated as ONE set divided by its normaliser. Refused:
+
+    * at construction, windows of one micro-batch: `accumulate=1` without
+      a `micro_batch_size` (and the model's `reduction="sum"`, which the
+      grammar does not draw);
+    * at the first step, a loss accumulated in several parts or a summed
+      one: several Keras loss terms (two compiled outputs, or a custom
+      `compute_loss` calling two Keras losses: `loss_normalisation="auto"`
+      keeps one set per term), an activity regulariser (its penalties have
+      a set of their own on every Keras version), or a single term with
+      reduction `"sum"` (summed over the window, not divided).
+
+    Weight regularisation, masks, sample and class weights, clipping,
+    schedules and devices leave one divided set: measured.
+    """
+    if not features["noise_scale"]:
+        return None
+    if features["accumulate"] == 1 and features["micro_batch_size"] is None:
+        return "windows of one micro-batch (accumulate=1)"
+    terms = features["outputs"] if features["loss"] == "compiled" else 2
+    if terms > 1:
+        return f"{terms} Keras loss terms, one accumulator set each"
+    if features["activity_regularizer"]:
+        return "activity penalties, an accumulator set of their own"
+    if features["reductions"] == ["sum"]:
+        return "a single loss term with reduction \"sum\", not divided"
+    return None
+
+
+def refused_before_the_noise_scale(features):
+    """Whether the first step refuses `features` whatever `noise_scale`,
+    by a check that runs before the noise scale's: a loss passed to
+    `add_loss` (no normaliser Keras reports), or a custom `compute_loss`
+    that is not a fixed linear combination of Keras losses."""
+    return features["add_loss"] or (
+        features["loss"] != "compiled"
+        and features["custom_combination"] in ("hand_written_mean", "sqrt")
+    )
+
+
+def _construction_refusal(reason):
+    return reason is not None and reason.startswith("windows of one")
+
+
+def _judge_refusal(features, text):
+    """A clear refusal's verdict, by the noise-scale oracle."""
+    names_it = "noise_scale" in text
+    expected = noise_scale_refusal(features)
+    if expected is None:
+        if names_it:
+            return "mismatch", (
+                "refused for the noise scale, which the rule measures "
+                f"here: {text}"
+            )
+        return "refused", text
+    if not names_it and (
+        _construction_refusal(expected)
+        or not refused_before_the_noise_scale(features)
+    ):
+        return "mismatch", (
+            f"the noise scale must be refused ({expected}), but the error "
+            f"does not name `noise_scale`: {text}"
+        )
+    return "refused", text
+
+
+def noise_scale_problem(features, noise):
+    """What is wrong with the accumulating run's noise scale
+    (`grammar.NoiseScale`) once it trained, or `None`."""
+    if noise.enabled != features["noise_scale"]:
+        return (
+            f"model.noise_scale is {noise.enabled!r} after building it as "
+            f"{features['form']!r} with noise_scale="
+            f"{features['noise_scale']!r}"
+        )
+    if not features["noise_scale"]:
+        if any(logged is not None for logged in noise.logged):
+            return f"noise_scale logged while off: {noise.logged}"
+        return None
+    expected = noise_scale_refusal(features)
+    if expected is not None:
+        return f"trained, but the rule refuses the noise scale: {expected}"
+    estimate = noise.estimate
+    if estimate is not None and not (
+        np.isfinite(estimate.trace) and np.isfinite(estimate.grad_sq)
+    ):
+        return f"non-finite noise_scale_estimate: {estimate}"
+    counts = [None if v is None else len(v) for v in noise.logged]
+    if counts != [grammar.EPOCHS] * len(noise.logged):
+        return (
+            f"history['noise_scale'] has {counts} entries per fit, not "
+            f"one per epoch ({grammar.EPOCHS}): {noise.logged}"
+        )
+    return None
 
 
 def _run(features, accumulating, eager_reference=True):
@@ -191,7 +308,7 @@ def judge(features):
     except Exception as error:  # noqa: BLE001 - judged below.
         text = f"{type(error).__name__}: {str(error)[:2000]}"
         if is_clear_refusal(error):
-            return "refused", text
+            return _judge_refusal(features, text)
         try:
             # The reference runs eagerly; plain Keras compiled, as the
             # accumulating run is, may fail the same way (on JAX, Keras
@@ -206,6 +323,9 @@ def judge(features):
         return "crash", text + "\n" + "".join(
             traceback.format_exception(error)[-6:]
         )
+    problem = noise_scale_problem(features, outcome.noise_scale)
+    if problem:
+        return "mismatch", problem
     keys = logged_keys(features)
     errors = _differences(
         _comparable(outcome, keys), _comparable(reference, keys)
@@ -245,6 +365,8 @@ def test_generated_workflow(seed, record_property):
     features = _features(seed)
     verdict, detail = judge(features)
     TALLY[verdict] += 1
+    if features["noise_scale"]:
+        TALLY[f"noise_scale {verdict}"] += 1
     record_property("verdict", verdict)
     record_property("features", repr(grammar.describe(features)))
     if verdict == "skipped":
@@ -297,6 +419,13 @@ def test_slice_covers_the_grammar():
     assert {"'clipnorm'", "'global_clipnorm'", "'clipvalue'"} <= seen["clip"]
     assert {"'epoch'", "{0: 2, 1: 3}"} <= seen["accumulate"]
     assert set(map(repr, grammar.COMBINATIONS)) <= seen["custom_combination"]
+    # The noise scale both measured and refused by its own rule (not only
+    # refused first for another reason).
+    noise = [f for f in drawn if f["noise_scale"]]
+    assert any(noise_scale_refusal(f) is None
+               and not refused_before_the_noise_scale(f) for f in noise)
+    assert any(noise_scale_refusal(f) is not None
+               and not refused_before_the_noise_scale(f) for f in noise)
 
 
 def test_draws_are_reproducible():
@@ -323,6 +452,76 @@ def test_refusal_criterion():
     assert is_clear_refusal(library.value)
     assert not is_clear_refusal(raised(ValueError("Received: x=1")))
     assert not is_clear_refusal(raised(RuntimeError("Received: x=1")))
+
+
+def test_noise_scale_oracle():
+    """The noise-scale oracle on hand-written workflows, and its verdicts
+    (no training)."""
+    def workflow(**changes):
+        return grammar.resolve(
+            {**grammar.BASE, "noise_scale": True, **changes}
+        )
+
+    measured = [
+        workflow(),
+        workflow(input="masking", sample_weight=True, kernel_regularizer=True),
+        workflow(reductions=["mean_with_sample_weight"], devices=2),
+        workflow(task="binary", class_weight=True, accumulate="epoch"),
+        workflow(accumulate=1, micro_batch_size=2),
+        workflow(add_loss=True),  # Refused, but not for the noise scale.
+    ]
+    refused = [
+        workflow(accumulate=1),
+        workflow(outputs=2, reductions=["sum_over_batch_size"] * 2),
+        workflow(outputs=2, reductions=["sum", "sum_over_batch_size"]),
+        workflow(loss="custom_terms",
+                 custom_reductions=["sum_over_batch_size"] * 2),
+        workflow(loss="custom_plus_super", custom_reductions=["sum"] * 2),
+        workflow(activity_regularizer=True),
+        workflow(reductions=["sum"], kernel_regularizer=True),
+    ]
+    assert [noise_scale_refusal(f) for f in measured] == [None] * 6
+    assert None not in [noise_scale_refusal(f) for f in refused]
+    off = workflow(noise_scale=False, accumulate=1)
+    assert noise_scale_refusal(off) is None
+
+    ours = "ValueError: `noise_scale=True` ... Received: divides=(True, True)"
+    other = "ValueError: not a linear combination. Received: a loss"
+    assert _judge_refusal(measured[0], ours)[0] == "mismatch"
+    assert _judge_refusal(measured[0], other)[0] == "refused"
+    assert _judge_refusal(refused[1], ours)[0] == "refused"
+    assert _judge_refusal(refused[1], other)[0] == "mismatch"
+    # Refused first for `add_loss`, or a custom loss that is no linear
+    # combination: any clear refusal; at construction, the noise scale's.
+    assert _judge_refusal(workflow(outputs=2, add_loss=True), other)[0] == (
+        "refused"
+    )
+    sqrt = workflow(loss="custom_terms", custom_combination="sqrt",
+                    custom_reductions=["sum_over_batch_size"] * 2)
+    assert _judge_refusal(sqrt, other)[0] == "refused"
+    assert _judge_refusal(workflow(accumulate=1, add_loss=True), other)[0] == (
+        "mismatch"
+    )
+
+    def noise(enabled=True, estimate=None, logged=None):
+        return grammar.NoiseScale(
+            enabled, estimate, [[0.5] * grammar.EPOCHS] if logged is None
+            else logged,
+        )
+
+    finite = grammar.keras_accum.NoiseScaleEstimate(2.0, 1.0, 0.5, 8.0)
+    assert noise_scale_problem(measured[0], noise()) is None
+    assert noise_scale_problem(measured[0], noise(estimate=finite)) is None
+    assert noise_scale_problem(measured[0], noise(enabled=False))
+    assert noise_scale_problem(refused[1], noise())
+    assert noise_scale_problem(
+        measured[0], noise(estimate=finite._replace(grad_sq=np.nan))
+    )
+    assert noise_scale_problem(measured[0], noise(logged=[[0.5]]))
+    assert noise_scale_problem(measured[0], noise(logged=[None]))
+    off = {**measured[0], "noise_scale": False}
+    assert not noise_scale_problem(off, noise(enabled=False, logged=[None]))
+    assert noise_scale_problem(off, noise(enabled=False))
 
 
 @pytest.mark.slow

@@ -254,3 +254,26 @@ def run_processes(commands, env, timeout):
         results.append((process.returncode, output))
         log.close()
     return results
+
+
+def masked_tagger_graph(length, vocabulary, classes, width, initializers):
+    """Inputs and outputs of a masked token tagger.
+
+    `Embedding(mask_zero=True)` of `width` (a sparse gradient on
+    TensorFlow, with repeated tokens), a tanh layer of 8, per-token logits
+    over `classes`; `initializers` are the three layers' kernel
+    initializers, in that order.
+    """
+    embeddings, hidden_kernel, output_kernel = initializers
+    inputs = keras.Input((length,), dtype="int32")
+    embedded = keras.layers.Embedding(
+        vocabulary, width, mask_zero=True,
+        embeddings_initializer=embeddings,
+    )(inputs)
+    hidden = keras.layers.Dense(
+        8, activation="tanh", kernel_initializer=hidden_kernel
+    )(embedded)
+    outputs = keras.layers.Dense(
+        classes, kernel_initializer=output_kernel
+    )(hidden)
+    return inputs, outputs

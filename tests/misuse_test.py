@@ -148,7 +148,8 @@ MISUSES = [
            rf"`accumulate` {ALLOWED_WINDOW}\. Received: accumulate=\[4\]"),
     Misuse("accumulate-capitalised", lambda t, m: _model("Epoch"),
            ValueError,
-           rf"`accumulate` {ALLOWED_WINDOW}\. Received: accumulate='Epoch'"),
+           rf"`accumulate` {ALLOWED_WINDOW} \(or \"auto\", a dict or a "
+           r"callable schedule\)\. Received: accumulate='Epoch'"),
     # Schedules.
     Misuse("schedule-without-epoch-0", lambda t, m: _model({1: 4}),
            ValueError, r"`accumulate` schedule must give the window of "

@@ -35,21 +35,14 @@ def padded_sequences(n=240, seed=0):
 
 
 def sequence_graph():
-    inputs = keras.Input((LENGTH,), dtype="int32")
-    embedded = keras.layers.Embedding(
-        VOCABULARY,
-        6,
-        mask_zero=True,
-        embeddings_initializer=keras.initializers.RandomUniform(seed=3),
-    )(inputs)
-    hidden = keras.layers.Dense(
-        8, activation="tanh",
-        kernel_initializer=keras.initializers.GlorotUniform(seed=4),
-    )(embedded)
-    outputs = keras.layers.Dense(
-        CLASSES, kernel_initializer=keras.initializers.GlorotUniform(seed=5)
-    )(hidden)
-    return inputs, outputs
+    return helpers.masked_tagger_graph(
+        LENGTH, VOCABULARY, CLASSES, 6,
+        (
+            keras.initializers.RandomUniform(seed=3),
+            keras.initializers.GlorotUniform(seed=4),
+            keras.initializers.GlorotUniform(seed=5),
+        ),
+    )
 
 
 def _sequence_loss():

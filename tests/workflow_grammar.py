@@ -1,7 +1,8 @@
 """A grammar of Keras workflows, drawn at random and built on either side.
 
 `draw(seed)` draws a workflow: a dict of *features* (model form, loss
-set-up, regularisers, optimizer features, window, `fit` arguments, devices)
+set-up, regularisers, optimizer features, window, `fit` arguments, devices,
+the gradient noise scale measured or not)
 that users combine, with the combinations Keras itself does not support
 resolved away at draw time, so the dict alone says what runs. `run(features,
 side)` builds and trains that workflow on a `tests.workflows.Side`: on the
@@ -19,6 +20,7 @@ losses at a tenth of the rate) so that training is not chaotic: a reference
 whose weights or losses blow up is reported as diverged, not compared.
 """
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -73,6 +75,9 @@ BASE = {
     "freeze": False,
     "devices": 1,
     "micro_batch_size": None,
+    # `AccumulatingModel(noise_scale=True)`: measures the gradient noise
+    # scale, must never change training (refused where it cannot measure).
+    "noise_scale": False,
 }
 
 FORMS = ("functional", "wrap_functional", "wrap_sequential", "subclass",
@@ -121,6 +126,9 @@ def draw(seed):
     # Each batch of `MICRO` (8; 4 per device on two) split in the step:
     # 3 leaves a shorter last micro-batch.
     f["micro_batch_size"] = rng.choice([None, None, 2, 3])
+    # Drawn after all the above, so that each seed draws the other
+    # features it drew before the noise scale joined the grammar.
+    f["noise_scale"] = maybe(0.3)
     return resolve(f)
 
 
@@ -177,6 +185,10 @@ def resolve(f):
     if keras.backend.backend() == "torch":
         f["devices"] = 1
         f["steps_per_execution"] = 1
+    # Kept whatever the other features: it is either measured (and must
+    # leave training unchanged) or refused, by the rule the harness's
+    # oracle checks (`generated_workflows_test.noise_scale_refusal`).
+    f["noise_scale"] = bool(f["noise_scale"])
     return f
 
 
@@ -365,6 +377,10 @@ def build(f, side):
     options = {"accumulate": f["accumulate"]} if acc else {}
     if acc and f["micro_batch_size"] is not None:
         options["micro_batch_size"] = f["micro_batch_size"]
+    if acc and f["noise_scale"]:
+        # Only when on: the workflows of `noise_scale=False` stay those of
+        # earlier versions (its default, `None`, is off for these windows).
+        options["noise_scale"] = True
     custom = f["loss"] != "compiled"
     form = f["form"]
     if form == "subclass":
@@ -518,4 +534,32 @@ def run(f, side):
                 model, x, y, accumulate=f["accumulate"],
                 initial_epoch=EPOCHS, epochs=2 * EPOCHS, **fit_options,
             ))
-    return side.outcome(model, *histories)
+    outcome = side.outcome(model, *histories)
+    if side.accumulating:
+        # What the harness checks of the noise scale (not compared with the
+        # reference): whether the trained model measures it (through every
+        # form: `clone_model` and `.keras` files must keep it), its final
+        # estimate, and each `fit`'s logged values.
+        outcome.noise_scale = NoiseScale(
+            enabled=getattr(model, "noise_scale", False),
+            estimate=getattr(model, "noise_scale_estimate", None),
+            logged=[history.get("noise_scale") for history in histories],
+        )
+    return outcome
+
+
+@dataclasses.dataclass
+class NoiseScale:
+    """The accumulating side's noise scale after `run`.
+
+    Attributes:
+        enabled: `model.noise_scale`.
+        estimate: `model.noise_scale_estimate` (a `NoiseScaleEstimate`, or
+            `None`).
+        logged: Per `fit` call, its `History.history["noise_scale"]`
+            (`None` where not logged).
+    """
+
+    enabled: bool
+    estimate: object
+    logged: list

@@ -5,8 +5,10 @@ Backend-neutral: each backend's trainer adds to them in its own way
 """
 
 import keras
+import numpy as np
 
 from keras_accum._compat import variables as compat_variables
+from keras_accum.core import noise_scale
 
 # Replica-local under `tf.distribute`: a micro-step adds into its own
 # replica's copy and needs no communication; reading in cross-replica
@@ -57,6 +59,11 @@ class GradientAccumulator:
         discarded: Int64 scalar variable, windows not applied because
             their accumulated gradient was not finite, since the start of
             `fit`.
+        noise_sums: With `noise_scale=True`, the window's sums for the
+            noise scale (`core.noise_scale`), replica-local, zeroed with
+            the window; else `None`.
+        noise_state: With `noise_scale=True`, the noise scale's moving
+            averages, kept across windows and `fit` calls; else `None`.
     """
 
     def __init__(self):
@@ -68,6 +75,8 @@ class GradientAccumulator:
         self.window = None
         self.skipped = None
         self.discarded = None
+        self.noise_sums = None
+        self.noise_state = None
 
     def matches(self, trainable_variables, terms):
         """Whether the accumulators were built for exactly these variables
@@ -81,7 +90,8 @@ class GradientAccumulator:
             )
         )
 
-    def build(self, trainable_variables, normaliser_dtype, terms=1, window=0):
+    def build(self, trainable_variables, normaliser_dtype, terms=1, window=0,
+              noise_state=None):
         """Creates the variables (call under the model's strategy scope).
 
         Building again replaces every variable: the gradient sums, the
@@ -95,6 +105,8 @@ class GradientAccumulator:
                 per update, 0 for epoch windows). An initial value, not an
                 assignment, so that building inside a traced step adds no
                 op that would run on every step.
+            noise_state: The noise scale's state to start from (a NumPy
+                vector), or `None` when the noise scale is off.
         """
         self.variables = list(trainable_variables)
         self.gradients = [
@@ -129,6 +141,29 @@ class GradientAccumulator:
         # Every replica takes the same skip decision (a global micro-batch
         # is skipped whole), so the first replica's count is the count.
         self.skipped = self._counter("skipped_micro_batches")
+        self.noise_sums = self.noise_state = None
+        if noise_state is not None:
+            self.noise_sums = keras.Variable(
+                initializer="zeros",
+                shape=(noise_scale.SUMS_SIZE,),
+                dtype=normaliser_dtype,
+                trainable=False,
+                name="noise_scale_sums",
+                **_LOCAL_SUM,
+            )
+            # The saved state exactly: a `Constant` of a list would pass
+            # through float32 on TensorFlow.
+            state = np.asarray(noise_state, dtype=normaliser_dtype)
+            self.noise_state = keras.Variable(
+                initializer=lambda shape, dtype: keras.ops.convert_to_tensor(
+                    state, dtype=dtype
+                ),
+                shape=(noise_scale.STATE_SIZE,),
+                dtype=normaliser_dtype,
+                trainable=False,
+                name="noise_scale_state",
+                aggregation="only_first_replica",
+            )
         self.built = True
 
     def _placement(self, variable):
@@ -149,13 +184,20 @@ class GradientAccumulator:
             aggregation="only_first_replica",
         )
 
+    def noise_variables(self):
+        """The noise scale's variables (none when it is off)."""
+        if self.noise_state is None:
+            return []
+        return [self.noise_sums, self.noise_state]
+
     def state_variables(self):
         """Every variable of the window, in a fixed order: the gradient
-        sums (term by term), the normalisers and the counters."""
+        sums (term by term), the normalisers, the counters and the noise
+        scale's variables."""
         return [v for term in self.gradients for v in term] + [
             self.normalisers,
             self.mini_step,
             self.window,
             self.skipped,
             self.discarded,
-        ]
+        ] + self.noise_variables()

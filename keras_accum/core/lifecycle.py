@@ -49,6 +49,10 @@ class WindowLifecycle:
         """Builds the accumulators outside a step."""
         self._sync_accumulation_state()
 
+    def _read_array(self, variable):
+        """An accumulator variable's current value, as a NumPy array."""
+        return keras.ops.convert_to_numpy(variable.value)
+
     # --- The window's counters --------------------------------------------
 
     @property
@@ -275,10 +279,12 @@ class WindowLifecycle:
                 if self._epoch_window is None
                 else self._epoch_window
             ),
+            noise_state=self._initial_noise_state(),
         )
 
     def _begin_epoch(self, epoch):
         """Sets the window of `epoch` (called by the flush callback)."""
+        self._schedule.begin_epoch(epoch, self.noise_scale_estimate)
         self._epoch_window = self._schedule.window_size(epoch)
         if not self._schedule.is_static and self._accumulator.built:
             self._accumulator.window.assign(self._epoch_window)

@@ -153,10 +153,23 @@ class LossTerms:
                     "loss. Received: a step with "
                     f"{terms} Keras loss term(s)"
                 )
-        return objectives.micro_batch_contribution(
+        contribution = objectives.micro_batch_contribution(
             self, recorded, loss, batch_size, first_in_window, coefficients,
             sets, activity_set,
         )
+        if self._noise_scale and contribution.divides != (True,):
+            raise ValueError(
+                "`noise_scale=True` measures the noise of one mean gradient, "
+                "and this step's loss is accumulated in "
+                f"{len(contribution.divides)} part(s) normalised apart "
+                "(several loss terms, activity penalties, or a summed "
+                "loss), whose micro-batches have no single batch size. Use "
+                "one loss term with a mean reduction, or "
+                "loss_normalisation=\"shared\" for terms with proportional "
+                "normalisers. Received: accumulator sets with divides="
+                f"{contribution.divides}"
+            )
+        return contribution
 
 
 def _symbolic(value):

@@ -49,8 +49,12 @@ def validate_window(value, name="accumulate"):
     """
     if isinstance(value, str):
         if value != EPOCH:
+            others = (
+                ' (or "auto", a dict or a callable schedule)'
+                if name == "accumulate" else ""
+            )
             raise ValueError(
-                f"`{name}` must be \"epoch\" or an int >= 1. "
+                f"`{name}` must be \"epoch\" or an int >= 1{others}. "
                 f"Received: {name}={value!r}"
             )
         return value
@@ -63,6 +67,56 @@ def validate_window(value, name="accumulate"):
         raise ValueError(
             f"`{name}` must be \"epoch\" or an int >= 1. "
             f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def validate_noise_scale(value, schedule, reduction, micro_batch_size):
+    """Checks `noise_scale` against the other arguments.
+
+    Args:
+        value: `noise_scale`: `True`, `False` or `None` (on exactly when
+            the window follows the noise scale).
+        schedule: The model's `WindowSchedule`.
+        reduction: The model's `reduction`.
+        micro_batch_size: The model's `micro_batch_size`.
+
+    Returns:
+        The resolved bool.
+
+    Raises:
+        TypeError: if `value` is not a bool or `None`.
+        ValueError: if the noise scale cannot be measured: with
+            `reduction="sum"` (no batch size to compare), with windows of
+            one micro-batch, or turned off under a window that follows it.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            "`noise_scale` must be True, False or None. Received: "
+            f"noise_scale={value!r} of type {type(value).__name__}"
+        )
+    if value is None:
+        value = schedule.follows_noise_scale
+    elif not value and schedule.follows_noise_scale:
+        raise ValueError(
+            f"`accumulate={schedule.value!r}` sets the window from the "
+            "gradient noise scale, which `noise_scale=False` turns off. "
+            "Pass noise_scale=True (or leave it out). Received: "
+            "noise_scale=False"
+        )
+    if value and reduction != "mean":
+        raise ValueError(
+            "`noise_scale=True` compares the mean gradients of micro-batches "
+            "and of the window, and with `reduction=\"sum\"` the applied "
+            "gradient is a sum, with no batch size. Use reduction=\"mean\". "
+            f"Received: reduction={reduction!r}"
+        )
+    if value and schedule.value == 1 and micro_batch_size is None:
+        raise ValueError(
+            "`noise_scale=True` needs windows of at least two micro-batches "
+            "(its estimator compares two batch sizes), and `accumulate=1` "
+            "applies every batch alone. Pass accumulate >= 2, \"epoch\", "
+            "or a `micro_batch_size`. Received: accumulate=1"
         )
     return value
 

@@ -3,6 +3,10 @@
 import keras
 
 from keras_accum.core import validation
+from keras_accum.core.noise_scale_schedule import NoiseScaleSchedule
+
+#: `accumulate="auto"`: a `NoiseScaleSchedule()`.
+AUTO = "auto"
 
 # The window of `accumulate="epoch"` as stored in the model's window
 # variable: never applied in-step, only at epoch end.
@@ -17,7 +21,8 @@ class WindowSchedule:
     `GradientAccumulationScheduler`; key `0` is required) or a callable
     `epoch -> window`. Growing the window instead of decaying the learning
     rate follows Smith et al. 2017, "Don't Decay the Learning Rate, Increase
-    the Batch Size".
+    the Batch Size". A `NoiseScaleSchedule` (or `"auto"`, the default
+    one) sets the window from the measured gradient noise scale.
 
     Args:
         accumulate: The user's `accumulate` argument.
@@ -27,6 +32,8 @@ class WindowSchedule:
     """
 
     def __init__(self, accumulate):
+        if isinstance(accumulate, str) and accumulate == AUTO:
+            accumulate = NoiseScaleSchedule()
         self.value = accumulate
         if isinstance(accumulate, dict):
             self._validate_dict(accumulate)
@@ -42,8 +49,21 @@ class WindowSchedule:
         return not (isinstance(self.value, dict) or callable(self.value))
 
     @property
+    def follows_noise_scale(self):
+        """Whether the window follows the measured noise scale."""
+        return isinstance(self.value, NoiseScaleSchedule)
+
+    def begin_epoch(self, epoch, estimate):
+        """Lets a `NoiseScaleSchedule` decide the window of `epoch` from
+        the model's `NoiseScaleEstimate` (or `None`)."""
+        if self.follows_noise_scale:
+            self.value.begin_epoch(epoch, estimate)
+
+    @property
     def uses_epoch_windows(self):
         """Whether some epoch may apply its window only at epoch end."""
+        if self.follows_noise_scale:
+            return False
         if isinstance(self.value, dict):
             return validation.EPOCH in self.value.values()
         return callable(self.value) or self.value == validation.EPOCH

@@ -15,6 +15,7 @@ from keras_accum._compat import trainer as compat_trainer
 from keras_accum.backend.jax import attribution
 from keras_accum.backend.jax import micro_batches as jax_micro_batches
 from keras_accum.core import micro_batches
+from keras_accum.core import noise_scale
 from keras_accum.core import objectives
 from keras_accum.core import window_loss
 from keras_accum.core.loss_normalisers import record_loss_normalisers
@@ -241,6 +242,17 @@ class JAXBatchAccumulation:
             normalisers=window.normalisers + normalisers,
             skipped=skipped,
         )
+        if window.noise:
+            # The set's gradients as added (one set: `noise_scale` refuses
+            # more); XLA fuses the squared norm into the adds.
+            noise_sums, state = window.noise
+            window = window._replace(noise=[
+                noise_sums + noise_scale.micro_batch_sums(
+                    noise_scale.squared_norm(term_gradients[0]),
+                    normalisers[0],
+                ),
+                state,
+            ])
         return window, kept
 
     def _update_logs(self, metrics, loss, contribution, first_in_window,

@@ -10,6 +10,7 @@ read from the state, not from the variables. `constrain` applies Keras <
 """
 
 import jax
+import numpy as np
 from jax import numpy as jnp
 
 
@@ -21,6 +22,9 @@ class JAXWindowState:
 
     def _read_counter(self, variable):
         return int(self._current_value(variable))
+
+    def _read_array(self, variable):
+        return np.asarray(self._current_value(variable))
 
     def _counter_value(self, variable):
         # A copy, dispatched without waiting: the next step consumes

@@ -72,6 +72,7 @@ class JAXAccumulationTrainer(
         window = Window.from_values(
             optimizer_state[optimizer_count:],
             len(self._accumulator.gradients),
+            noise=self._accumulator.noise_state is not None,
         )
         size = self._micro_batch_size_for(state, data)
         window, non_trainable, metrics, logs = self._accumulate_batch(

@@ -13,7 +13,7 @@ from jax import numpy as jnp
 class Window(collections.namedtuple(
     "Window",
     ["gradients", "normalisers", "mini_step", "window", "skipped",
-     "discarded"],
+     "discarded", "noise"],
 )):
     """The values of the accumulator variables inside a step (a pytree).
 
@@ -24,19 +24,30 @@ class Window(collections.namedtuple(
         window: Micro-batches per window (0: epoch end).
         skipped: Micro-batches skipped for non-finite gradients.
         discarded: Windows discarded for a non-finite sum.
+        noise: `[sums, state]` of the noise scale
+            (`GradientAccumulator.noise_variables()`), or `[]` when it is
+            off.
     """
 
     __slots__ = ()
 
     @classmethod
-    def from_values(cls, values, terms):
-        """Unflattens `GradientAccumulator.state_variables()` values."""
+    def from_values(cls, values, terms, noise=False):
+        """Unflattens `GradientAccumulator.state_variables()` values.
+
+        Args:
+            values: The values, in that order.
+            terms: The number of loss terms.
+            noise: Whether the noise scale's two variables end the list.
+        """
         values = list(values)
+        noise_values = values[-2:] if noise else []
+        values = values[:-2] if noise else values
         per_term = (len(values) - 5) // terms
         gradients = [
             values[t * per_term:(t + 1) * per_term] for t in range(terms)
         ]
-        return cls(gradients, *values[terms * per_term:])
+        return cls(gradients, *values[terms * per_term:], noise_values)
 
     def values(self):
         """Flattens, in the order of `GradientAccumulator.state_variables()`."""
@@ -46,7 +57,7 @@ class Window(collections.namedtuple(
             self.window,
             self.skipped,
             self.discarded,
-        ]
+        ] + list(self.noise)
 
     def cleared(self, discarded=None):
         """The window after an update (or a discard): sums and count zero."""
@@ -56,6 +67,8 @@ class Window(collections.namedtuple(
             normalisers=jnp.zeros_like(self.normalisers),
             mini_step=jnp.zeros_like(self.mini_step),
             discarded=self.discarded if discarded is None else discarded,
+            noise=[jnp.zeros_like(v) for v in self.noise[:1]]
+            + list(self.noise[1:]),
         )
 
     def is_finite(self):

@@ -9,6 +9,7 @@ applied by one jitted call over the state.
 import jax
 
 from keras_accum.backend.jax.window import Window
+from keras_accum.core import noise_scale
 from keras_accum.core import window as core_window
 
 
@@ -39,6 +40,15 @@ class JAXWindowUpdate:
             gradients = core_window.window_gradient(
                 window.gradients, window.normalisers, plan
             )
+            if window.noise:
+                sums, state = window.noise
+                window = window._replace(noise=[
+                    sums,
+                    noise_scale.updated_state(
+                        state, sums, noise_scale.squared_norm(gradients),
+                        window.normalisers[0], window.mini_step,
+                    ),
+                ])
             trainable, optimizer_values = self.optimizer.stateless_apply(
                 optimizer_values, gradients, trainable
             )
@@ -75,7 +85,8 @@ class JAXWindowUpdate:
 
             def apply_function(trainable, optimizer_values, values):
                 window = Window.from_values(
-                    values, len(accumulator.gradients)
+                    values, len(accumulator.gradients),
+                    noise=accumulator.noise_state is not None,
                 )
                 trainable, optimizer_values, window = self._apply_window_if(
                     window.mini_step > 0, trainable, optimizer_values, window

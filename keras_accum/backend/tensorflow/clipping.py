@@ -1,6 +1,6 @@
 """Clipping the window's gradient as a whole under several replicas, as
 one device clips the big batch's (Keras' `apply` clips each replica's
-share)."""
+share), and measuring it whole for the noise scale."""
 
 import tensorflow as tf
 
@@ -22,8 +22,10 @@ def _set_clipping(optimizer, values):
         setattr(optimizer, name, value)
 
 
-def apply_clipped_window(optimizer, context, gradients, variables):
-    """Applies the window's gradient clipped as a whole (replica context).
+def apply_reduced_window(optimizer, context, gradients, variables,
+                         observe=None):
+    """Applies the window's gradient, all-reduced first (replica context),
+    and clipped as a whole where the optimizer clips.
 
     Keras' `apply` clips before its `SUM` all-reduce, i.e. each replica's
     share. Here the shares are all-reduced first and the window's gradient
@@ -32,12 +34,22 @@ def apply_clipped_window(optimizer, context, gradients, variables):
     optimizer then gets the clipped gradient on the first replica and zeros
     on the others, with its clipping and `loss_scale_factor` turned off for
     the call, so its all-reduce gives back the clipped gradient exactly for
-    any replica count. One more all-reduce per update, only when clipping.
+    any replica count. One more all-reduce per update, only when clipping or measuring
+    the noise scale.
 
     `MirroredStrategy` runs the replicas' functions in turns, switching at
     each all-reduce, on one shared optimizer: the arguments are read before
     the first all-reduce and set again before each read. The step is traced
     once, so this happens at trace time only.
+
+    Args:
+        optimizer: The (inner) optimizer.
+        context: The replica context.
+        gradients: This replica's share of the window's gradient.
+        variables: The variables they belong to.
+        observe: `None`, or a callable given the window's whole gradient
+            (before clipping), on every replica alike: the noise scale's
+            squared norm.
     """
     arguments = [getattr(optimizer, name) for name in _CLIPPING]
     reduced = iter(
@@ -46,6 +58,8 @@ def apply_clipped_window(optimizer, context, gradients, variables):
         )
     )
     totals = [None if g is None else next(reduced) for g in gradients]
+    if observe is not None:
+        observe(totals)
     try:
         _set_clipping(optimizer, arguments)
         scale = optimizer.loss_scale_factor

@@ -46,6 +46,10 @@ class TensorFlowAccumulationTrainer(
     def _read_counter(self, variable):
         return int(variable.numpy())
 
+    def _read_array(self, variable):
+        with tf.init_scope():  # Eagerly, even while a step is traced.
+            return variable.numpy()
+
     def _counter_value(self, variable):
         # Keras on TensorFlow runs each step to completion: nothing to defer.
         return variable.numpy()

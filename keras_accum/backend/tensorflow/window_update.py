@@ -7,6 +7,7 @@ import functools
 import tensorflow as tf
 
 from keras_accum.backend.tensorflow import clipping
+from keras_accum.core import noise_scale
 from keras_accum.core import window as core_window
 
 
@@ -43,18 +44,25 @@ class TensorFlowWindowUpdate:
 
         def apply_if(strategy):
             full = condition()
-            terms = len(self._accumulator.gradients)
+            accumulator = self._accumulator
+            terms = len(accumulator.gradients)
+            noise = accumulator.noise_sums is not None
             totals = tf.cond(
                 full,
                 lambda: self._window_totals(strategy),
                 lambda: tf.zeros(
-                    (terms + 1,), self._accumulator.normalisers.dtype
+                    (terms + 1 + noise_scale.SUMS_SIZE * noise,),
+                    accumulator.normalisers.dtype,
                 ),
             )
-            normalisers, finite = totals[:-1], tf.equal(totals[-1], 0)
+            normalisers = totals[:terms]
+            finite = tf.equal(totals[terms], 0)
+            noise_sums = totals[terms + 1:] if noise else None
             tf.cond(
                 tf.logical_and(full, finite),
-                lambda: self._apply_window(strategy, normalisers, plan),
+                lambda: self._apply_window(
+                    strategy, normalisers, noise_sums, plan
+                ),
                 lambda: tf.no_op(),
             )
             tf.cond(
@@ -70,14 +78,16 @@ class TensorFlowWindowUpdate:
     def _window_totals(self, strategy):
         """The window's normalisers and count of non-finite replicas.
 
-        One scalar reduction besides the optimizer's all-reduce of the
+        One small reduction besides the optimizer's all-reduce of the
         gradients: each replica's normaliser sums, with a flag saying
         whether its gradient sums and normalisers are all finite, so every
-        replica takes the same decision.
+        replica takes the same decision, and with `noise_scale=True` its
+        noise-scale sums.
 
         Returns:
-            A vector: each term's global normaliser, then the number of
-            replicas whose gradient sums are not finite.
+            A vector: each term's global normaliser, the number of
+            replicas whose gradient sums are not finite, then the noise
+            scale's global sums (if measured).
         """
 
         def local_totals():
@@ -92,7 +102,12 @@ class TensorFlowWindowUpdate:
                 )
             )
             return tf.concat(
-                [normalisers, tf.cast(nonfinite, normalisers.dtype)[None]],
+                [normalisers, tf.cast(nonfinite, normalisers.dtype)[None]]
+                + (
+                    []
+                    if accumulator.noise_sums is None
+                    else [tf.convert_to_tensor(accumulator.noise_sums.value)]
+                ),
                 axis=0,
             )
 
@@ -105,18 +120,18 @@ class TensorFlowWindowUpdate:
             tf.distribute.ReduceOp.SUM, local_totals()
         )
 
-    def _apply_window(self, strategy, normalisers, plan):
+    def _apply_window(self, strategy, normalisers, noise_sums, plan):
         """Normalises the window's sums and applies them (see
         `_apply_local_sums`), as one XLA function under `jit_compile`."""
         update = self._functions.xla_window_update
         if update is not None:
-            update(normalisers, plan)
+            update(normalisers, noise_sums, plan)
             return tf.no_op()
         return _run_in_replicas(
-            strategy, self._apply_local_sums, normalisers, plan
+            strategy, self._apply_local_sums, normalisers, noise_sums, plan
         )
 
-    def _apply_local_sums(self, normalisers, plan):
+    def _apply_local_sums(self, normalisers, noise_sums, plan):
         """Applies this replica's sums; the optimizer all-reduces them.
 
         Replica context. Each replica passes its local gradient sums divided
@@ -129,8 +144,14 @@ class TensorFlowWindowUpdate:
         An optimizer that clips (`clipnorm`, `global_clipnorm`, `clipvalue`)
         would clip each replica's share before its all-reduce; under several
         replicas the window's gradient is all-reduced and clipped here
-        instead (see `clipping.apply_clipped_window`), as one device clips
-        the big batch's.
+        instead (see `clipping.apply_reduced_window`), as one device clips
+        the big batch's. With `noise_scale=True` the window's gradient is
+        all-reduced the same way, for its squared norm.
+
+        Args:
+            normalisers: Each term's global normaliser.
+            noise_sums: The noise scale's global sums, or `None`.
+            plan: The step's `WindowPlan`.
         """
         accumulator = self._accumulator
         gradients = core_window.window_gradient(
@@ -143,15 +164,33 @@ class TensorFlowWindowUpdate:
         )
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         context = tf.distribute.get_replica_context()
+        observe = None
+        if noise_sums is not None:
+
+            def observe(window_gradient):
+                accumulator.noise_state.value.assign(
+                    noise_scale.updated_state(
+                        tf.convert_to_tensor(accumulator.noise_state.value),
+                        noise_sums,
+                        noise_scale.squared_norm(window_gradient),
+                        normalisers[0],
+                        accumulator.mini_step.value,
+                    ),
+                    read_value=False,
+                )
+
         if (
-            clipping.clips(optimizer)
+            (clipping.clips(optimizer) or observe is not None)
             and context is not None
             and context.num_replicas_in_sync > 1
         ):
-            clipping.apply_clipped_window(
-                optimizer, context, gradients, accumulator.variables
+            clipping.apply_reduced_window(
+                optimizer, context, gradients, accumulator.variables,
+                observe=observe,
             )
         else:
+            if observe is not None:
+                observe(gradients)
             optimizer.apply(gradients, accumulator.variables)
         accumulator.reset()
 

@@ -199,6 +199,8 @@ class TorchAccumulationTrainer:
             accumulator.discard()
             return
         gradients = _window_gradient(accumulator, self._window_plan)
+        if accumulator.noise_state is not None:
+            accumulator.update_noise_scale(gradients)
         optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         with torch.no_grad():
             optimizer.apply(gradients, accumulator.variables)
