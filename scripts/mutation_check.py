@@ -717,7 +717,7 @@ MUTANTS = (
         "keras_accum/core/noise_scale.py",
         "        ops.divide_no_nan(ops.cast(added_squared_norm, dtype), "
         "normaliser),\n"
-        "        ops.cast(ops.greater(normaliser, 0), dtype),\n"
+        "        ops.cast(ops.greater(normaliser, EMPTY), dtype),\n"
         "    ])\n"
         "\n"
         "\n"
@@ -744,7 +744,7 @@ MUTANTS = (
         "    q, n = sums[0], sums[1]\n",
         "        ops.divide_no_nan(ops.cast(added_squared_norm, dtype),\n"
         "                          ops.square(normaliser)),\n"
-        "        ops.cast(ops.greater(normaliser, 0), dtype),\n"
+        "        ops.cast(ops.greater(normaliser, EMPTY), dtype),\n"
         "    ])\n"
         "\n"
         "\n"
@@ -789,7 +789,7 @@ MUTANTS = (
     Mutant(
         "noise-scale-empty-micro-batch-counted",
         "keras_accum/core/noise_scale.py",
-        "        ops.cast(ops.greater(normaliser, 0), dtype),\n",
+        "        ops.cast(ops.greater(normaliser, EMPTY), dtype),\n",
         "        ops.ones((), dtype),\n",
         (
             "tests/noise_scale_test.py::"

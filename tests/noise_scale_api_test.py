@@ -666,7 +666,10 @@ def test_schedule_follows_the_estimate_at_epoch_boundaries(arguments,
 @pytest.mark.parametrize(
     "arguments, split, epochs, optimizer",
     [
-        ({"max_window": 6, "initial": 5}, 2, 4, "sgd"),
+        pytest.param(
+            {"max_window": 6, "initial": 5}, 2, 4, "sgd",
+            marks=pytest.mark.slice,
+        ),
         # Epoch 3 keeps the window decided at epoch 2: from the config
         # (`initial` is another window).
         ({"max_window": 6, "initial": 5, "every": 2}, 3, 5, "adam"),

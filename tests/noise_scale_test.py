@@ -30,6 +30,8 @@ from keras import ops
 from keras_accum import AccumulatingModel
 from tests import helpers
 
+KERAS_VERSION = tuple(int(p) for p in keras.version().split(".")[:2])
+
 pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("float64")]
 
 
@@ -59,6 +61,13 @@ CLASSES = 3
 # --- References in NumPy -----------------------------------------------------
 
 
+def _masked_divisor(valid):
+    """What Keras divides a masked mean loss by: the valid entries, plus
+    `epsilon()` before Keras 3.13 (a fully masked batch: `epsilon()`)."""
+    epsilon = keras.config.epsilon() if KERAS_VERSION < (3, 13) else 0.0
+    return np.sum(valid) + epsilon
+
+
 def _window_estimate(added, normalisers):
     """`(trace_hat, grad_sq_hat, B)` of one window.
 
@@ -72,7 +81,9 @@ def _window_estimate(added, normalisers):
     total = b.sum()
     window_gradient = added.sum(axis=0) / total
     g2 = window_gradient @ window_gradient
-    nonempty = b > 0
+    # Empty: no valid entry (a normaliser of 0, or Keras < 3.13's
+    # `epsilon()` for a fully masked batch).
+    nonempty = b > keras.config.epsilon()
     q = np.sum(np.sum(added[nonempty] ** 2, axis=1) / b[nonempty])
     n = np.count_nonzero(nonempty)
     trace = (q - total * g2) / (n - 1)
@@ -396,7 +407,7 @@ def _make_case(name):
     if name == "masked-tokens":
         tokens, tags, valid = _tagger_data()
         return _Case(_tagger_graph, (tokens, tags, None, valid), cce,
-                     ragged, np.sum, 6)
+                     ragged, _masked_divisor, 6)
     raise ValueError(name)
 
 
@@ -436,6 +447,7 @@ def _fit_case(case, strategy=None, **overrides):
     return model, history
 
 
+@pytest.mark.slice
 @pytest.mark.parametrize("name", CASES)
 def test_one_window_matches_per_example_gradients(name):
     """After one window of micro-batches with unequal normalisers (ragged,
@@ -445,12 +457,30 @@ def test_one_window_matches_per_example_gradients(name):
     divides out), computed in NumPy from per-example gradients: equal to
     round-off (1e-9 relative)."""
     case = _make_case(name)
+    if name == "weight-sum" and not _plain_keras_stays_finite(case):
+        pytest.skip(
+            "plain Keras itself gets a NaN gradient from a batch of zero "
+            "weights under `mean_with_sample_weight` here (Keras 3.10 on "
+            "torch), which `on_nonfinite=\"raise\"` refuses"
+        )
     model, history = _fit_case(case)
     expected = _smoothed([_expected_window(case, model)])
     _assert_estimate(model, expected)
     assert history.history["noise_scale"] == [
         model.noise_scale_estimate.noise_scale
     ]
+
+
+def _plain_keras_stays_finite(case):
+    """Whether plain Keras, trained on the case's batches (learning rate
+    0), keeps finite weights."""
+    x, y, sample_weight, _ = case.data
+    model = keras.Model(*case.graph())
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0),
+                  loss=case.loss)
+    model.fit(x, y, sample_weight=sample_weight, batch_size=case.batch_size,
+              epochs=1, shuffle=False, verbose=0)
+    return all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
 @pytest.mark.tensorflow_only

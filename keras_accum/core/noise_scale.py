@@ -26,6 +26,7 @@ arithmetic runs in every backend's step.
 
 import collections
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -40,6 +41,10 @@ TRACE, GRAD_SQ, WEIGHT, BATCH_NORMALISER = range(4)
 STATE_SIZE = 4
 # The window's sums: `Q` and the count of non-empty micro-batches.
 SUMS_SIZE = 2
+#: A normaliser at most this is an empty micro-batch: Keras < 3.13 divides
+#: a masked mean by `valid + epsilon()`, so a fully masked micro-batch has
+#: the normaliser `epsilon()` (1e-7), not 0.
+EMPTY = keras.config.epsilon()
 
 
 class NoiseScaleEstimate(collections.namedtuple(
@@ -116,13 +121,13 @@ def micro_batch_sums(added_squared_norm, normaliser):
             micro-batch, which adds nothing).
 
     Returns:
-        A vector `[|a_i|^2 / b_i, 1 if b_i > 0 else 0]`, in the dtype of
-        `normaliser`.
+        A vector `[|a_i|^2 / b_i, 1 if the micro-batch is not empty]`, in
+        the dtype of `normaliser`.
     """
     dtype = normaliser.dtype
     return ops.stack([
         ops.divide_no_nan(ops.cast(added_squared_norm, dtype), normaliser),
-        ops.cast(ops.greater(normaliser, 0), dtype),
+        ops.cast(ops.greater(normaliser, EMPTY), dtype),
     ])
 
 

@@ -52,7 +52,7 @@ class TorchGradientAccumulator(GradientAccumulator):
             # `noise_scale.micro_batch_sums` in torch: its `keras.ops`
             # dispatch costs 4x these calls per micro-step.
             size = normalisers[0]
-            non_empty = size > 0
+            non_empty = size > noise_scale.EMPTY
             self.noise_sums.value.add_(torch.stack([
                 torch.where(
                     non_empty, squared_norm(added).to(size.dtype) / size, 0.0
