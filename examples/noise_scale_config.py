@@ -5,10 +5,8 @@ name. The defaults run in about a minute on 2 CPU cores (TensorFlow).
 """
 
 # Data: scikit-learn's bundled `load_digits` (1797 8x8 greyscale images),
-# split as in `train_digits.py`: 1280 training images (80 micro-batches of
-# 16 per epoch), 517 validation images.
-TRAIN_SIZE = 1280
-SPLIT_SEED = 0
+# split by `digits_data.py` as for `train_digits.py` (`digits_config.py`):
+# 1280 training images (80 micro-batches of 16 per epoch), 517 validation.
 
 # Model: a small multilayer perceptron (64 pixels, 64 ReLU units, 10
 # classes), fast on every backend. No dropout, no batch normalisation.

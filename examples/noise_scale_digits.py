@@ -33,7 +33,6 @@ threads.
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import sys
@@ -44,48 +43,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import noise_scale_config as config  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+from digits_data import ShuffledBatches  # noqa: E402
+from digits_data import load_data  # noqa: E402
 
 import keras_accum  # noqa: E402
-
-
-def load_data():
-    """The digits as 64 float32 pixels in [0, 1], split with a seed."""
-    digits = load_digits()
-    pixels = (digits.data / 16.0).astype("float32")
-    labels = digits.target.astype("int32")
-    return train_test_split(
-        pixels,
-        labels,
-        train_size=config.TRAIN_SIZE,
-        random_state=config.SPLIT_SEED,
-        stratify=labels,
-    )
-
-
-class ShuffledBatches(keras.utils.PyDataset):
-    """Batches of `(x, y)` in an order that depends only on the epoch, so
-    every run sees the same examples in the same order."""
-
-    def __init__(self, x, y, batch_size, seed):
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self._rng = np.random.default_rng(seed)
-        self.on_epoch_end()
-
-    def __len__(self):
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def batch_examples(self, index):
-        return len(self._order[index * self.batch_size:][: self.batch_size])
-
-    def __getitem__(self, index):
-        rows = self._order[index * self.batch_size:][: self.batch_size]
-        return self.x[rows], self.y[rows]
-
-    def on_epoch_end(self):
-        self._order = self._rng.permutation(len(self.x))
 
 
 def build_model(accumulate):
@@ -430,7 +391,11 @@ def main(argv=None):
     args = parse_args(argv)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data()
+    # The MLP reads the 64 pixels of each image as one vector.
+    data = [
+        part.reshape(len(part), -1) if part.ndim > 1 else part
+        for part in load_data()
+    ]
     start = time.perf_counter()
     bs = args.batch_size
     print(f"Backend: {keras.backend.backend()}", flush=True)

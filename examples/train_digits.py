@@ -31,7 +31,6 @@ trains the same way and leaves the memory column empty.
 import argparse
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import sys
@@ -43,8 +42,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import digits_config as config  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+from digits_data import ShuffledBatches  # noqa: E402
+from digits_data import load_data  # noqa: E402
 
 import keras_accum  # noqa: E402
 
@@ -89,44 +88,6 @@ def make_runs(batch_size, accumulate):
         ),
         Run("reference", f"plain fit, batch {big_batch}", big_batch),
     ]
-
-
-def load_data():
-    """The digits as (8, 8, 1) float32 images in [0, 1], split with a seed."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype("float32")[..., np.newaxis]
-    labels = digits.target.astype("int32")
-    return train_test_split(
-        images,
-        labels,
-        train_size=config.TRAIN_SIZE,
-        random_state=config.SPLIT_SEED,
-        stratify=labels,
-    )
-
-
-class ShuffledBatches(keras.utils.PyDataset):
-    """Batches of `(x, y)` in an order that depends only on the epoch.
-
-    Every run sees the same example order whatever its batch size, so the
-    accumulated run's windows hold exactly the big batch's examples.
-    """
-
-    def __init__(self, x, y, batch_size, seed):
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self._rng = np.random.default_rng(seed)
-        self.on_epoch_end()
-
-    def __len__(self):
-        return math.ceil(len(self.x) / self.batch_size)
-
-    def __getitem__(self, index):
-        rows = self._order[index * self.batch_size:][: self.batch_size]
-        return self.x[rows], self.y[rows]
-
-    def on_epoch_end(self):
-        self._order = self._rng.permutation(len(self.x))
 
 
 def build_model(accumulate):

@@ -78,6 +78,15 @@ T_DROPIN = "tests/distributed_dropin_test.py"
 T_NORMALISATION = "tests/normalisation_test.py"
 T_RULE = "tests/loss_rule_test.py"
 T_MICRO = "tests/micro_batch_test.py"
+T_NOISE = "tests/noise_scale_test.py"
+T_ONE_WINDOW = f"{T_NOISE}::test_one_window_matches_per_example_gradients"
+# The estimator's three checks: the closed form, one window against
+# per-example gradients, a finite dataset within sampling error.
+NOISE_ESTIMATOR_TESTS = (
+    f"{T_NOISE}::test_linear_regression_matches_its_closed_form",
+    f"{T_ONE_WINDOW}[ragged]",
+    f"{T_NOISE}::test_finite_dataset_within_sampling_error",
+)
 
 MUTANTS = (
     # Issue 16: distributed drop-in.
@@ -682,14 +691,7 @@ MUTANTS = (
         "keras_accum/core/noise_scale.py",
         "    trace = ops.divide_no_nan(q - total * g2, n - 1)\n",
         "    trace = ops.divide_no_nan(q, n)\n",
-        (
-            "tests/noise_scale_test.py::"
-            "test_linear_regression_matches_its_closed_form",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[ragged]",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
-        ),
+        NOISE_ESTIMATOR_TESTS,
     ),
     Mutant(
         "noise-scale-window-norm-of-sums",
@@ -699,14 +701,10 @@ MUTANTS = (
         "        ops.cast(normaliser, dtype)\n"
         "    )\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_linear_regression_matches_its_closed_form",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[weight-sum]",
-            "tests/noise_scale_test.py::"
-            "test_mirrored_replica_shards_are_micro_batches",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
+            f"{T_NOISE}::test_linear_regression_matches_its_closed_form",
+            f"{T_ONE_WINDOW}[weight-sum]",
+            f"{T_NOISE}::test_mirrored_replica_shards_are_micro_batches",
+            f"{T_NOISE}::test_finite_dataset_within_sampling_error",
         ),
     ),
     Mutant(
@@ -754,16 +752,11 @@ MUTANTS = (
         "    n = sums[1]\n"
         "    q = ops.divide_no_nan(sums[0] * ops.cast(normaliser, dtype), n)\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[ragged]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[weight-sum]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[micro-batch-size]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[masked-tokens]",
-            "tests/noise_scale_test.py::"
-            "test_mirrored_replica_shards_are_micro_batches",
+            f"{T_ONE_WINDOW}[ragged]",
+            f"{T_ONE_WINDOW}[weight-sum]",
+            f"{T_ONE_WINDOW}[micro-batch-size]",
+            f"{T_ONE_WINDOW}[masked-tokens]",
+            f"{T_NOISE}::test_mirrored_replica_shards_are_micro_batches",
         ),
     ),
     Mutant(
@@ -774,16 +767,11 @@ MUTANTS = (
         "    q, n = sums[0], sums[1]\n",
         "    q, n = sums[0], ops.cast(batches, dtype)\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[weight-sum]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[micro-batch-size]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[masked-tokens]",
-            "tests/noise_scale_test.py::"
-            "test_mirrored_replica_shards_are_micro_batches",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
+            f"{T_ONE_WINDOW}[weight-sum]",
+            f"{T_ONE_WINDOW}[micro-batch-size]",
+            f"{T_ONE_WINDOW}[masked-tokens]",
+            f"{T_NOISE}::test_mirrored_replica_shards_are_micro_batches",
+            f"{T_NOISE}::test_finite_dataset_within_sampling_error",
         ),
     ),
     Mutant(
@@ -792,15 +780,11 @@ MUTANTS = (
         "        ops.cast(ops.greater(normaliser, EMPTY), dtype),\n",
         "        ops.ones((), dtype),\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[weight-sum]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients"
+            f"{T_ONE_WINDOW}[weight-sum]",
+            f"{T_NOISE}::test_one_window_matches_per_example_gradients"
             "[skipped-non-finite]",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[masked-tokens]",
-            "tests/noise_scale_test.py::"
-            "test_mirrored_replica_shards_are_micro_batches",
+            f"{T_ONE_WINDOW}[masked-tokens]",
+            f"{T_NOISE}::test_mirrored_replica_shards_are_micro_batches",
         ),
     ),
     Mutant(
@@ -809,28 +793,14 @@ MUTANTS = (
         "        ops.divide_no_nan(ops.cast(added_squared_norm, dtype), "
         "normaliser),\n",
         "        ops.cast(added_squared_norm, dtype),\n",
-        (
-            "tests/noise_scale_test.py::"
-            "test_linear_regression_matches_its_closed_form",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[ragged]",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
-        ),
+        NOISE_ESTIMATOR_TESTS,
     ),
     Mutant(
         "noise-scale-not-debiased",
         "keras_accum/core/noise_scale.py",
         "    trace, grad_sq = state[TRACE] / weight, state[GRAD_SQ] / weight\n",
         "    trace, grad_sq = state[TRACE], state[GRAD_SQ]\n",
-        (
-            "tests/noise_scale_test.py::"
-            "test_linear_regression_matches_its_closed_form",
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[ragged]",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
-        ),
+        NOISE_ESTIMATOR_TESTS,
     ),
     Mutant(
         # Each replica's share of the window's gradient, not the
@@ -840,8 +810,7 @@ MUTANTS = (
         "        observe(totals)\n",
         "        observe(gradients)\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_mirrored_replica_shards_are_micro_batches",
+            f"{T_NOISE}::test_mirrored_replica_shards_are_micro_batches",
         ),
     ),
     Mutant(
@@ -855,8 +824,7 @@ MUTANTS = (
         "        )\n",
         "        gradient = gradient.values\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[masked-tokens]",
+            f"{T_ONE_WINDOW}[masked-tokens]",
         ),
     ),
     Mutant(
@@ -866,10 +834,8 @@ MUTANTS = (
         "                    noise_scale.squared_norm(term_gradients[0]),\n",
         "                    noise_scale.squared_norm(sums[0]),\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[ragged]",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
+            f"{T_ONE_WINDOW}[ragged]",
+            f"{T_NOISE}::test_finite_dataset_within_sampling_error",
         ),
         backend="jax",
     ),
@@ -879,10 +845,8 @@ MUTANTS = (
         "non_empty, squared_norm(added).to(size.dtype) / size, 0.0",
         "non_empty, squared_norm(totals).to(size.dtype) / size, 0.0",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[ragged]",
-            "tests/noise_scale_test.py::"
-            "test_finite_dataset_within_sampling_error",
+            f"{T_ONE_WINDOW}[ragged]",
+            f"{T_NOISE}::test_finite_dataset_within_sampling_error",
         ),
         backend="torch",
     ),
@@ -895,8 +859,7 @@ MUTANTS = (
         "                self.optimizer._clip_gradients(gradients)\n"
         "            )\n",
         (
-            "tests/noise_scale_test.py::"
-            "test_one_window_matches_per_example_gradients[clipnorm]",
+            f"{T_ONE_WINDOW}[clipnorm]",
         ),
         backend="torch",
     ),
