@@ -109,8 +109,10 @@ class AccumulatingModel(
             arguments). Defaults to `None`.
         noise_scale: `True` measures the gradient noise scale of
             McCandlish et al. 2018 from the micro-batches' and the
-            windows' gradients (`noise_scale_estimate`; the epoch logs'
-            `noise_scale`, `noise_scale_trace`, `noise_scale_grad_sq`).
+            windows' gradients, one eighth of the weights per window
+            (`noise_scale_estimate`, once every eighth has been read; the
+            epoch logs' `noise_scale`, `noise_scale_trace`,
+            `noise_scale_grad_sq`).
             Needs `reduction="mean"` and windows of at least two
             micro-batches. `None` turns it on exactly when `accumulate`
             follows it (`"auto"`). Defaults to `None`.

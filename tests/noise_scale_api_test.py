@@ -29,6 +29,15 @@ LOG_KEYS = ("noise_scale", "noise_scale_trace", "noise_scale_grad_sq")
 
 # 100 examples in batches of 8: 13 batches, the last one ragged (4).
 EXAMPLES, BATCH = 100, 8
+# The estimate exists once each of the `BLOCKS` blocks has been measured:
+# the w-th applied window reads block `w mod BLOCKS`, and only a window of
+# two micro-batches or more measures (windows of a whole epoch read one
+# block, the whole gradient). 340 examples are 43 batches (the last ragged,
+# 4), so one epoch holds at least `BLOCKS` measuring windows one after the
+# other for every window of up to 5 batches: 9 windows of 5 (the last 3),
+# 11 of 4 (the last 3), 15 of 3 (the last 1 batch).
+BLOCKS = 8
+MEASURED_EXAMPLES = 340
 
 
 def _data(n=EXAMPLES):
@@ -219,10 +228,15 @@ def test_loss_in_several_parts_is_refused_at_the_first_step(make, arguments):
 
 
 def test_two_losses_with_shared_normalisation_are_measured():
-    """The way out the refusal names: one set for both terms."""
+    """The way out the refusal names: one set for both terms. Four epochs
+    of two windows: every block measured once."""
     model, x, y = _two_outputs(loss_normalisation="shared")
+    model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+    assert model.noise_scale_estimate is None  # 6 windows: not yet.
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-    assert model.noise_scale_estimate is not None
+    estimate = model.noise_scale_estimate
+    assert estimate is not None
+    assert np.isfinite(estimate).all(), estimate
 
 
 @pytest.mark.parametrize(
@@ -273,7 +287,8 @@ def test_history_holds_the_estimate_of_each_epoch(arguments, validation):
         # A fresh copy: the schedule keeps the window it decides.
         arguments["accumulate"] = NoiseScaleSchedule.from_config(
             arguments["accumulate"].get_config())
-    x, y = _data()
+    # Enough windows for an estimate from the first epoch on.
+    x, y = _data(MEASURED_EXAMPLES)
     model = _compiled(**arguments)
     recorder = _Recorder()
     epochs = 3
@@ -307,8 +322,9 @@ def test_history_holds_the_estimate_of_each_epoch(arguments, validation):
 def test_epochs_before_the_first_measured_window_log_nan():
     """Epoch 0 applies windows of one micro-batch (nothing to measure),
     epoch 1 windows of three; epoch 2 again of one, which keeps the
-    estimate."""
-    x, y = _data()
+    estimate. 204 examples are 26 batches: epoch 1 applies 9 windows of
+    three (the last two), enough to measure each of the `BLOCKS` blocks."""
+    x, y = _data(204)
     model = _compiled(accumulate={0: 1, 1: 3, 2: 1}, noise_scale=True)
     assert model.noise_scale_estimate is None
     recorder = _Recorder()
@@ -324,6 +340,27 @@ def test_epochs_before_the_first_measured_window_log_nan():
         for key in LOG_KEYS:
             assert history[key][epoch] == measured.logs()[key]
     assert recorder.estimates[2] == measured
+
+
+def test_no_estimate_until_every_block_is_measured():
+    """Windows of two batches, one `fit` per window: the first `BLOCKS - 1`
+    windows measure all blocks but one, so no estimate yet; the next
+    window measures the last block and the estimate exists. `fit` calls
+    continue the count of windows."""
+    x, y = _data(2 * BATCH * BLOCKS)
+    model = _compiled(optimizer="sgd", accumulate=2, noise_scale=True)
+    window = 2 * BATCH
+    for w in range(BLOCKS):
+        assert model.noise_scale_estimate is None, w
+        history = _fit(model, x[w * window:(w + 1) * window],
+                       y[w * window:(w + 1) * window], epochs=1).history
+        assert int(model.optimizer.iterations.numpy()) == w + 1
+        if w < BLOCKS - 1:
+            assert math.isnan(history["noise_scale"][0]), w
+    estimate = model.noise_scale_estimate
+    assert isinstance(estimate, NoiseScaleEstimate)
+    assert np.isfinite(estimate).all(), estimate
+    assert history["noise_scale"] == [estimate.noise_scale]
 
 
 @pytest.mark.usefixtures("float64")
@@ -394,7 +431,7 @@ def test_measuring_leaves_training_unchanged(arguments, corrupt):
     """Adam: its update divides by the gradient's own scale, so any change
     to the applied gradient shows in the weights."""
     optimizer = "adam"
-    x, y = _data()
+    x, y = _data(MEASURED_EXAMPLES)
     if corrupt is not None:
         x, y = corrupt(x, y)
     weights, updates = {}, {}
@@ -476,7 +513,7 @@ def test_schedule_serialises_its_current_window():
     {"accumulate": 5},
 ])
 def test_save_and_load_keep_noise_scale_and_estimate(tmp_path, arguments):
-    x, y = _data()
+    x, y = _data(MEASURED_EXAMPLES)
     model = _compiled(**arguments)
     _fit(model, x, y, epochs=1)
     path = tmp_path / "model.keras"
@@ -500,9 +537,10 @@ def test_save_and_load_keep_noise_scale_and_estimate(tmp_path, arguments):
 def test_loaded_estimate_survives_building_the_accumulators(tmp_path):
     """The loaded state seeds the accumulators' variable exactly: a window
     of one micro-batch measures nothing, so the estimate must not move."""
-    x, y = _data()
+    x, y = _data(MEASURED_EXAMPLES)
     model = _compiled(accumulate=5, noise_scale=True)
     _fit(model, x, y, epochs=1)
+    assert model.noise_scale_estimate is not None
     model.save(tmp_path / "model.keras")
     restored = keras.saving.load_model(tmp_path / "model.keras")
     assert restored.noise_scale_estimate == model.noise_scale_estimate
@@ -554,7 +592,7 @@ def test_wrap_keeps_noise_scale(arguments, expected):
 
 @pytest.mark.usefixtures("float64")
 def test_wrapped_model_measures_and_trains_like_the_model():
-    x, y = _data()
+    x, y = _data(MEASURED_EXAMPLES)
     wrapped = keras_accum.wrap(keras.Model(*helpers.dense_graph()),
                                accumulate=5, noise_scale=True)
     wrapped.compile(optimizer=helpers.make_optimizer("adam"), loss="mse")
@@ -564,6 +602,8 @@ def test_wrapped_model_measures_and_trains_like_the_model():
     _fit(direct, x, y)
     assert helpers.relative_error(
         wrapped.get_weights(), direct.get_weights()) <= SAME_TRAINING_RTOL
+    assert direct.noise_scale_estimate is not None
+    assert wrapped.noise_scale_estimate is not None
     assert np.allclose(wrapped.noise_scale_estimate,
                        direct.noise_scale_estimate, rtol=1e-12, atol=0)
 
@@ -726,7 +766,7 @@ def test_update_tensorboard_writes_the_noise_scale(tmp_path):
     tf = pytest.importorskip("tensorflow")
     event_accumulator = pytest.importorskip(
         "tensorboard.backend.event_processing.event_accumulator")
-    x, y = _data()
+    x, y = _data(MEASURED_EXAMPLES)
     model = _compiled(optimizer="sgd", accumulate=5, noise_scale=True)
     history = _fit(model, x, y, epochs=2, callbacks=[
         keras_accum.UpdateTensorBoard(str(tmp_path))]).history
@@ -737,6 +777,7 @@ def test_update_tensorboard_writes_the_noise_scale(tmp_path):
         points = [(e.step, float(tf.make_ndarray(e.tensor_proto)))
                   for e in events.Tensors(f"epoch_{key}")]
         assert [step for step, _ in points] == [0, 1], key
+        assert np.all(np.isfinite(history[key])), (key, history[key])
         np.testing.assert_allclose([value for _, value in points],
                                    history[key], rtol=1e-6)
 
@@ -746,8 +787,10 @@ def test_a_new_trainable_set_starts_a_new_estimate():
     the weights still trained; the noise scale is that of their gradient,
     so the estimate restarts: after the second `fit` it equals that of a
     model that trains only those weights from the same state (and the
-    rebuild, traced inside the step on TensorFlow, reads no tensor)."""
-    x, y = _data()
+    rebuild, traced inside the step on TensorFlow, reads no tensor).
+    Each `fit` applies 15 windows of three (the last one), enough to
+    measure every block."""
+    x, y = _data(MEASURED_EXAMPLES)
     model = _compiled(optimizer="sgd", accumulate=3, noise_scale=True)
     _fit(model, x, y, epochs=1)
     before = model.noise_scale_estimate
@@ -762,6 +805,8 @@ def test_a_new_trainable_set_starts_a_new_estimate():
     fresh.compile(optimizer=helpers.make_optimizer("sgd"), loss="mse")
     _fit(fresh, x, y, epochs=1)
     assert before is not None
+    assert model.noise_scale_estimate is not None
+    assert fresh.noise_scale_estimate is not None
     np.testing.assert_allclose(
         model.noise_scale_estimate, fresh.noise_scale_estimate, rtol=1e-12
     )

@@ -1,16 +1,21 @@
 """The gradient noise scale (`noise_scale=True`) is the estimator of
-McCandlish et al. 2018, Appendix A, generalised to unequal micro-batches.
+McCandlish et al. 2018, Appendix A, generalised to unequal micro-batches
+and read one block of the weights per window.
 
 Per window, with micro-batch `i` adding the gradient `a_i = b_i g_i` of
-its loss's normaliser `b_i`, `Q = sum |a_i|^2 / b_i`, `n` the micro-batches
-with `b_i > 0`, `B = sum b_i` and `G_B` the gradient the window applies:
+its loss's normaliser `b_i`, `n` the micro-batches with `b_i > 0`,
+`B = sum b_i`, `G_B` the gradient the window applies, and `x^(q)` the
+entries of `x` in the window's block `q` (each variable flattened and cut
+into 8 contiguous pieces, the last one holding the rest; the `w`-th
+measuring window reads block `w mod 8`), with `Q = sum |a_i^(q)|^2 / b_i`:
 
-    trace_hat = (Q - B |G_B|^2) / (n - 1)
-    grad_sq_hat = |G_B|^2 - trace_hat / B
+    trace_hat_q = (Q - B |G_B^(q)|^2) / (n - 1)
+    grad_sq_hat_q = |G_B^(q)|^2 - trace_hat_q / B
 
-smoothed over windows (decay 0.9, debiased as Adam). Three kinds of
-checks, all in float64 with the learning rate 0 (the weights never move,
-so every window measures the same gradient distribution):
+smoothed per block over the windows that read it (decay 0.9, debiased as
+Adam) and summed over the blocks. Three kinds of checks, all in float64
+with the learning rate 0 (the weights never move, so every window measures
+the same gradient distribution):
 
 - the truth of a closed form (linear least squares on Gaussian inputs);
 - the formula itself, to round-off, from per-example gradients that the
@@ -53,8 +58,11 @@ def _one_torch_thread():
         torch.set_num_threads(threads)
 
 
-#: The documented decay of the moving averages, per window.
+#: The documented decay of each block's moving averages, per window that
+#: reads the block.
 DECAY = 0.9
+#: The documented number of blocks a window reads one of.
+BLOCKS = 8
 CLASSES = 3
 
 
@@ -68,8 +76,24 @@ def _masked_divisor(valid):
     return np.sum(valid) + epsilon
 
 
-def _window_estimate(added, normalisers):
-    """`(trace_hat, grad_sq_hat, B)` of one window.
+def _block_ids(model, blocks=BLOCKS):
+    """The block of each entry of the flattened trainable weights, in the
+    order of `model.trainable_variables`: each variable of `size` entries
+    is cut into `blocks` pieces of `size // blocks`, the last one holding
+    the rest."""
+    ids = []
+    for variable in model.trainable_variables:
+        size = int(np.prod(variable.shape))
+        c = size // blocks
+        ids.append(np.minimum(np.arange(size) // c, blocks - 1) if c
+                   else np.full(size, blocks - 1))
+    return np.concatenate(ids)
+
+
+def _window_estimate(added, normalisers, entries=None):
+    """`(trace_hat, grad_sq_hat, B)` of one window, over `entries` (a
+    boolean mask of the flattened weights, e.g. one block; all of them
+    when `None`).
 
     Args:
         added: `(micro-batches, parameters)`: each micro-batch's added
@@ -77,6 +101,8 @@ def _window_estimate(added, normalisers):
         normalisers: Each micro-batch's `b_i`.
     """
     added = np.asarray(added, np.float64)
+    if entries is not None:
+        added = added[:, entries]
     b = np.asarray(normalisers, np.float64)
     total = b.sum()
     window_gradient = added.sum(axis=0) / total
@@ -90,17 +116,61 @@ def _window_estimate(added, normalisers):
     return trace, g2 - trace / total, total
 
 
-def _smoothed(windows):
-    """The debiased moving averages of `(trace_hat, grad_sq_hat, B,
-    fit batches)` per window: `(noise_scale, trace, grad_sq,
-    batch_normaliser)`."""
-    state = np.zeros(4)
-    for trace, grad_sq, total, batches in windows:
-        state = DECAY * state + (1 - DECAY) * np.array(
-            [trace, grad_sq, 1.0, total / batches]
+def _block_windows(added_per_window, normalisers_per_window, batches,
+                   block_ids, first_window=0):
+    """The `_smoothed` input of consecutive windows: the `w`-th window
+    (counting from `first_window`) estimated over block `w mod BLOCKS`."""
+    windows = []
+    for w, (added, normalisers) in enumerate(
+        zip(added_per_window, normalisers_per_window), start=first_window
+    ):
+        block = w % BLOCKS
+        windows.append((*_window_estimate(added, normalisers,
+                                          block_ids == block),
+                        batches, block))
+    return windows
+
+
+def _block_averages(windows, blocks=BLOCKS):
+    """Each block's debiased moving averages of `(trace_hat_q,
+    grad_sq_hat_q)`: a `(2, blocks)` array (the `_smoothed` sums' terms)."""
+    state = np.zeros((3, blocks))
+    for trace, grad_sq, _, _, block in windows:
+        state[:, block] = DECAY * state[:, block] + (1 - DECAY) * np.array(
+            [trace, grad_sq, 1.0]
         )
-    return (state[0] / state[1], state[0] / state[2], state[1] / state[2],
-            state[3] / state[2])
+    return state[:2] / state[2]
+
+
+def _assert_block_averages(model, windows):
+    """The model's state holds each block's averages as replayed (1e-9):
+    sums over the blocks alone would not see a block's micro-batches
+    paired with another block's window norm when every window is alike."""
+    state = np.asarray(model._noise_scale_state(), np.float64)
+    blocks = (len(state) - 3) // 3
+    measured = state[:2 * blocks].reshape(2, blocks) / state[2 * blocks:
+                                                              3 * blocks]
+    np.testing.assert_allclose(measured, _block_averages(windows, blocks),
+                               rtol=helpers.RTOL, atol=1e-300)
+
+
+def _smoothed(windows, blocks=BLOCKS):
+    """The debiased moving averages of `(trace_hat_q, grad_sq_hat_q, B,
+    fit batches, q)` per window, per block `q`, summed over the blocks:
+    `(noise_scale, trace, grad_sq, batch_normaliser)`, or `None` while a
+    block is unmeasured."""
+    state = np.zeros((3, blocks))
+    batch = np.zeros(2)
+    for trace, grad_sq, total, batches, block in windows:
+        state[:, block] = DECAY * state[:, block] + (1 - DECAY) * np.array(
+            [trace, grad_sq, 1.0]
+        )
+        batch = DECAY * batch + (1 - DECAY) * np.array([total / batches, 1])
+    if not np.all(state[2] > 0):
+        return None
+    trace = np.sum(state[0] / state[2])
+    grad_sq = np.sum(state[1] / state[2])
+    return trace / grad_sq, trace, grad_sq, batch[0] / batch[1]
 
 
 def _assert_estimate(model, expected, rtol=helpers.RTOL):
@@ -191,13 +261,14 @@ def test_linear_regression_matches_its_closed_form():
         B_noise = tr(S) / |G|^2 = d + 1 + d sigma^2 / |delta|^2.
 
     Here d = 64, |delta|^2 = 0.80, sigma = 1: B_noise = 145. Two epochs
-    over 32 windows of 32 micro-batches of 32 iid examples: simulated over
-    200 seeds, the smoothed estimate's relative standard deviation is
-    2.2% (noise scale), 1.3% (trace), 2.6% (squared norm), so the bounds
-    10%, 5% and 10% are about four of them. The estimate also equals the
-    moving averages replayed in NumPy (1e-9), and each epoch's log is the
-    estimate at its end."""
-    d, batch, window, windows, sigma = 64, 32, 32, 32, 1.0
+    of 64 windows of 32 micro-batches of 32 iid examples (a window reads
+    one eighth of the weights, so each block is read by 16): simulated
+    over 200 seeds, the smoothed estimate's relative standard deviation is
+    2.5% (noise scale), 1.0% (trace), 2.4% (squared norm), so the bounds
+    10%, 5% and 10% are four of them or more. The estimate also equals
+    the moving averages replayed in NumPy (1e-9), and each epoch's log is
+    the estimate at its end."""
+    d, batch, window, windows, sigma = 64, 32, 32, 128, 1.0
     rng = np.random.default_rng(7)
     w_star = rng.normal(size=(d, 1)) / np.sqrt(d)
     w0 = np.zeros((d, 1))
@@ -213,11 +284,14 @@ def test_linear_regression_matches_its_closed_form():
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0),
                   loss="mse")
     assert model.noise_scale_estimate is None  # Before any window.
-    # Two epochs over the same windows: one log per epoch. (The second
-    # repeats the first's draws; the moving averages then weigh the last
-    # epoch as they would one epoch alone, up to 0.9^32.)
-    history = model.fit(x, y, batch_size=batch, epochs=2, shuffle=False,
-                        verbose=0)
+
+    def batches():
+        # Each epoch its own half of the windows.
+        for start in range(0, examples, batch):
+            yield x[start:start + batch], y[start:start + batch]
+
+    history = model.fit(batches(), steps_per_epoch=examples // batch // 2,
+                        epochs=2, shuffle=False, verbose=0)
     np.testing.assert_array_equal(model.get_weights()[0], w0)
     estimate = model.noise_scale_estimate
 
@@ -238,12 +312,10 @@ def test_linear_regression_matches_its_closed_form():
     # The same windows, replayed: micro-batch gradient `2 x^T (x w0 - y)`
     # summed over its examples.
     residual = x @ w0 - y
-    added = 2 * (x * residual).reshape(-1, batch, d).sum(axis=1)
-    per_window = [
-        (*_window_estimate(added[i:i + window], [batch] * window), window)
-        for i in range(0, len(added), window)
-    ]
-    _assert_estimate(model, _smoothed(per_window * 2))
+    added = 2 * (x * residual).reshape(-1, window, batch, d).sum(axis=2)
+    per_window = _block_windows(added, [[batch] * window] * windows, window,
+                                _block_ids(model))
+    _assert_estimate(model, _smoothed(per_window))
     logs = history.history
     assert logs["noise_scale"][-1] == estimate.noise_scale
     assert logs["noise_scale_trace"][-1] == estimate.trace
@@ -251,8 +323,8 @@ def test_linear_regression_matches_its_closed_form():
     np.testing.assert_allclose(
         [logs["noise_scale"], logs["noise_scale_trace"],
          logs["noise_scale_grad_sq"]],
-        np.transpose([_smoothed(per_window)[:3],
-                      _smoothed(per_window * 2)[:3]]),
+        np.transpose([_smoothed(per_window[:windows // 2])[:3],
+                      _smoothed(per_window)[:3]]),
         rtol=helpers.RTOL,
     )
 
@@ -275,11 +347,27 @@ def _mlp_graph():
     return inputs, outputs
 
 
-def _tagger_graph():
+def _wide_graph():
+    """A hidden layer wide enough that its kernel's blocks are read one
+    by one (`5 x 8192` entries: blocks of 5120)."""
+    inputs = keras.Input((FEATURES,))
+    hidden = keras.layers.Dense(
+        8192, activation="tanh",
+        kernel_initializer=keras.initializers.GlorotUniform(seed=1),
+    )(inputs)
+    outputs = keras.layers.Dense(
+        CLASSES, kernel_initializer=keras.initializers.GlorotUniform(seed=2),
+    )(hidden)
+    return inputs, outputs
+
+
+def _tagger_graph(vocabulary=VOCABULARY):
     """Masked token tagging (a sparse gradient on TensorFlow, with repeated
-    tokens), per-token logits."""
+    tokens), per-token logits. The embedding has `vocabulary x 4` entries:
+    with 7 rows its blocks (of 3 entries) cut rows apart, with 16 each
+    block is two whole rows."""
     return helpers.masked_tagger_graph(
-        LENGTH, VOCABULARY, CLASSES, 4,
+        LENGTH, vocabulary, CLASSES, 4,
         (
             keras.initializers.RandomNormal(seed=4),
             keras.initializers.GlorotUniform(seed=1),
@@ -303,14 +391,14 @@ def _mlp_data(examples=EXAMPLES, seed=0):
     return x, y
 
 
-def _tagger_data():
+def _tagger_data(vocabulary=VOCABULARY):
     """Padded sequences of random lengths; the third batch of 8 is all
     padding (no valid token: normaliser 0)."""
     rng = np.random.default_rng(1)
     lengths = rng.integers(0, LENGTH + 1, size=EXAMPLES)
     lengths[16:24] = 0
     lengths[:2] = LENGTH
-    tokens = rng.integers(1, VOCABULARY, size=(EXAMPLES, LENGTH))
+    tokens = rng.integers(1, vocabulary, size=(EXAMPLES, LENGTH))
     valid = np.arange(LENGTH) < lengths[:, None]
     tokens = np.where(valid, tokens, 0)
     tags = rng.integers(0, CLASSES, size=(EXAMPLES, LENGTH))
@@ -404,20 +492,26 @@ def _make_case(name):
         return _Case(_mlp_graph, (x, y, None, ones), cce,
                      ragged[:1] + ragged[2:], _count, 6,
                      on_nonfinite="skip")
-    if name == "masked-tokens":
-        tokens, tags, valid = _tagger_data()
-        return _Case(_tagger_graph, (tokens, tags, None, valid), cce,
-                     ragged, _masked_divisor, 6)
+    if name == "wide-layer":
+        return _Case(_wide_graph, (x, y, None, ones), cce, ragged, _count, 6)
+    if name in ("masked-tokens", "whole-row-blocks"):
+        vocabulary = VOCABULARY if name == "masked-tokens" else 16
+        tokens, tags, valid = _tagger_data(vocabulary)
+        return _Case(lambda: _tagger_graph(vocabulary),
+                     (tokens, tags, None, valid), cce, ragged,
+                     _masked_divisor, 6)
     raise ValueError(name)
 
 
 CASES = ["ragged", "sample-weight", "weight-sum", "micro-batch-size",
-         "masked-tokens", "clipnorm", "skipped-non-finite"]
+         "masked-tokens", "whole-row-blocks", "clipnorm",
+         "skipped-non-finite", "wide-layer"]
 
 
-def _expected_window(case, model):
-    """The `_window_estimate` of the case's window from per-example
-    gradients, with its `fit` batches."""
+def _expected_windows(case, model, epochs):
+    """The `_smoothed` input of `epochs` epochs of the case's window (the
+    same window each epoch, read one block after another), from
+    per-example gradients."""
     x, y, _, loss_weights = case.data
     plain = keras.Model(model.inputs, model.outputs)  # Shares the weights.
     # (The examples of a skipped micro-batch are left out below.)
@@ -427,12 +521,14 @@ def _expected_window(case, model):
              for start, stop in case.micro_batches]
     normalisers = [case.normaliser(loss_weights[start:stop])
                    for start, stop in case.micro_batches]
-    return (*_window_estimate(added, normalisers), case.batches)
+    return _block_windows([added] * epochs, [normalisers] * epochs,
+                          case.batches, _block_ids(model))
 
 
-def _fit_case(case, strategy=None, **overrides):
-    """The case's model after its `fit` (under `strategy`, if any), and
-    the `History`; `overrides` replace model and `fit` arguments."""
+def _fit_case(case, strategy=None, epochs=BLOCKS, **overrides):
+    """The case's model after `epochs` epochs of `fit` (under `strategy`,
+    if any; by default one per block), and the `History`; `overrides`
+    replace model and `fit` arguments."""
     x, y, sample_weight, _ = case.data
     kwargs = {**case.model_kwargs, **overrides}
     batch_size = kwargs.pop("batch_size", case.batch_size)
@@ -442,20 +538,23 @@ def _fit_case(case, strategy=None, **overrides):
             lambda: keras.optimizers.SGD(learning_rate=0.0)))()
         model.compile(optimizer=optimizer, loss=case.loss)
     history = model.fit(x, y, sample_weight=sample_weight,
-                        batch_size=batch_size, epochs=1, shuffle=False,
+                        batch_size=batch_size, epochs=epochs, shuffle=False,
                         verbose=0)
     return model, history
 
 
 @pytest.mark.slice
 @pytest.mark.parametrize("name", CASES)
-def test_one_window_matches_per_example_gradients(name):
-    """After one window of micro-batches with unequal normalisers (ragged,
-    weighted, zero-weighted, masked, split by `micro_batch_size`, one
-    skipped; or the update clipped), the estimate's trace and squared norm
-    are that window's `trace_hat` and `grad_sq_hat` (the debiasing weight
-    divides out), computed in NumPy from per-example gradients: equal to
-    round-off (1e-9 relative)."""
+def test_windows_match_per_example_gradients(name):
+    """After eight epochs of one window of micro-batches with unequal
+    normalisers (ragged, weighted, zero-weighted, masked, split by
+    `micro_batch_size`, one skipped; or the update clipped; or a variable
+    large enough to be read by slices on its own; or an embedding whose
+    blocks are whole rows), each reading
+    the next block, the estimate's trace and squared norm are the moving
+    averages of the windows' `trace_hat_q` and `grad_sq_hat_q`, computed in
+    NumPy from per-example gradients: equal to round-off (1e-9 relative).
+    Before the eighth window some block is unread, and the logs are NaN."""
     case = _make_case(name)
     if name == "weight-sum" and not _plain_keras_stays_finite(case):
         pytest.skip(
@@ -464,11 +563,12 @@ def test_one_window_matches_per_example_gradients(name):
             "torch), which `on_nonfinite=\"raise\"` refuses"
         )
     model, history = _fit_case(case)
-    expected = _smoothed([_expected_window(case, model)])
-    _assert_estimate(model, expected)
-    assert history.history["noise_scale"] == [
-        model.noise_scale_estimate.noise_scale
-    ]
+    windows = _expected_windows(case, model, BLOCKS)
+    _assert_estimate(model, _smoothed(windows))
+    _assert_block_averages(model, windows)
+    logged = history.history["noise_scale"]
+    assert np.all(np.isnan(logged[:-1])), logged
+    assert logged[-1] == model.noise_scale_estimate.noise_scale
 
 
 def _plain_keras_stays_finite(case):
@@ -504,20 +604,23 @@ def test_mirrored_replica_shards_are_micro_batches():
         ["/cpu:0", "/cpu:1"],
         cross_device_ops=tf.distribute.ReductionToOneDevice(),
     )
-    mirrored, _ = _fit_case(case, strategy, accumulate=3, batch_size=8)
+    # Two windows an epoch: four epochs read the eight blocks.
+    epochs = BLOCKS // 2
+    mirrored, _ = _fit_case(case, strategy, epochs=epochs, accumulate=3,
+                            batch_size=8)
     helpers.fresh_keras_state()
-    single, _ = _fit_case(case)
+    single, _ = _fit_case(case, epochs=epochs)
 
     plain = keras.Model(single.inputs, single.outputs)
     per_example = _per_example_gradients(plain, _sparse_cce, x, y, weights)
-    windows = []
-    for first in (0, 6):
-        ranges = case.micro_batches[first:first + 6]
-        windows.append((*_window_estimate(
-            [per_example[start:stop].sum(axis=0) for start, stop in ranges],
-            [weights[start:stop].sum() for start, stop in ranges],
-        ), 6))
-    expected = _smoothed(windows)
+    windows = [case.micro_batches[first:first + 6] for first in (0, 6)]
+    expected = _smoothed(_block_windows(
+        [[per_example[start:stop].sum(axis=0) for start, stop in ranges]
+         for ranges in windows] * epochs,
+        [[weights[start:stop].sum() for start, stop in ranges]
+         for ranges in windows] * epochs,
+        6, _block_ids(single),
+    ))
     _assert_estimate(single, expected)
     # Three global batches per window on the replicas: a batch normaliser
     # of a global batch.
@@ -549,18 +652,21 @@ def _mlp_per_example_gradients(model, x, y):
 def test_finite_dataset_within_sampling_error():
     """On a dataset of N examples whose windows are uniform random subsets
     (a fresh permutation per pass) cut into random micro-batches, the
-    estimators' expectations are exact (sampling without replacement):
+    estimators' expectations are exact per block (sampling without
+    replacement):
 
-        E[trace_hat] = tr(S)     E[grad_sq_hat] = |G|^2 - tr(S) / N
+        E[trace_hat_q] = tr(S^(q))     E[grad_sq_hat_q] = |G^(q)|^2 - tr(S^(q)) / N
 
     with `G` the dataset's mean per-example gradient and `S` their
-    covariance (`ddof=1`). 32 windows of 16 micro-batches of 16 (2 fit
-    batches of 128 each, split by `micro_batch_size`): the smoothed estimate
-    must lie within 4 standard errors of the truth, the errors those of a
-    moving average of the per-window estimates (computed in NumPy from the
-    same micro-batches, assumed independent: windows of one permutation
-    are negatively correlated, so this overstates them)."""
-    examples, micro, batch, window, passes = 1024, 16, 128, 2, 8
+    covariance (`ddof=1`), restricted to block `q`. 64 windows of 16
+    micro-batches of 16 (2 fit batches of 128 each, split by
+    `micro_batch_size`), each block read by 8: the smoothed estimate must
+    lie within 4 standard errors of the truth, the errors those of each
+    block's moving average of its windows' estimates (computed in NumPy
+    from the same micro-batches, assumed independent: windows of one
+    permutation are negatively correlated, so this overstates them),
+    added over the blocks."""
+    examples, micro, batch, window, passes = 1024, 16, 128, 2, 16
     x, y = _mlp_data(examples, seed=5)
     model = AccumulatingModel(*_mlp_graph(), accumulate=window,
                               micro_batch_size=micro, noise_scale=True)
@@ -582,38 +688,46 @@ def test_finite_dataset_within_sampling_error():
     np.testing.assert_allclose(per_example[:4], autodiff, rtol=1e-9,
                                atol=1e-12)
 
+    block_ids = _block_ids(model)
     true_grad = per_example.mean(axis=0)
-    true_trace = np.trace(np.atleast_2d(np.cov(per_example.T, ddof=1)))
+    variances = np.var(per_example, axis=0, ddof=1)
+    true_trace = variances.sum()
     true_grad_sq = true_grad @ true_grad - true_trace / examples
     true_noise_scale = true_trace / true_grad_sq
 
-    # Per-window estimates from the same micro-batches.
+    # Per-window estimates of each window's block, from the same
+    # micro-batches; per block, its moving average and standard error.
     micro_batches = order.reshape(-1, window * batch // micro, micro)
-    per_window = np.array([
-        _window_estimate(per_example[m].sum(axis=1), [micro] * len(m))[:2]
-        for m in micro_batches
-    ])
-    weights = DECAY ** np.arange(len(per_window))[::-1]
-    weights /= weights.sum()
-    trace, grad_sq = weights @ per_window
-    # Linearised ratio: the noise scale's error per window.
-    ratio_terms = (per_window[:, 0] - true_noise_scale * per_window[:, 1]
-                   ) / true_grad_sq
-    errors = {
-        "trace": np.std(per_window[:, 0], ddof=1),
-        "grad_sq": np.std(per_window[:, 1], ddof=1),
-        "noise_scale": np.std(ratio_terms, ddof=1),
-    }
-    errors = {k: v * np.sqrt(weights @ weights) for k, v in errors.items()}
+    windows = _block_windows(
+        [per_example[m].sum(axis=1) for m in micro_batches],
+        [[micro] * len(m) for m in micro_batches], window, block_ids,
+    )
+    trace = grad_sq = 0.0
+    variance = {"trace": 0.0, "grad_sq": 0.0, "noise_scale": 0.0}
+    for block in range(BLOCKS):
+        per_window = np.array([w[:2] for w in windows if w[4] == block])
+        weights = DECAY ** np.arange(len(per_window))[::-1]
+        weights /= weights.sum()
+        block_trace, block_grad_sq = weights @ per_window
+        trace += block_trace
+        grad_sq += block_grad_sq
+        # Linearised ratio: the noise scale's error per window.
+        ratio_terms = (per_window[:, 0]
+                       - true_noise_scale * per_window[:, 1]) / true_grad_sq
+        for name, values in (("trace", per_window[:, 0]),
+                             ("grad_sq", per_window[:, 1]),
+                             ("noise_scale", ratio_terms)):
+            variance[name] += np.var(values, ddof=1) * (weights @ weights)
     for name, value, truth in (
         ("trace", estimate.trace, true_trace),
         ("grad_sq", estimate.grad_sq, true_grad_sq),
         ("noise_scale", estimate.noise_scale, true_noise_scale),
     ):
-        z = (value - truth) / errors[name]
+        error = np.sqrt(variance[name])
+        z = (value - truth) / error
         assert abs(z) <= 4, (
             f"{name}: {value:.6g} against the truth {truth:.6g}: "
-            f"{z:.2f} standard errors ({errors[name]:.3g})"
+            f"{z:.2f} standard errors ({error:.3g})"
         )
     # The replayed moving averages are the estimate (1e-9).
     np.testing.assert_allclose([estimate.trace, estimate.grad_sq],

@@ -106,7 +106,8 @@ class GradientAccumulator:
                 assignment, so that building inside a traced step adds no
                 op that would run on every step.
             noise_state: The noise scale's state to start from (a NumPy
-                vector), or `None` when the noise scale is off.
+                vector of `noise_scale.state_size(blocks)`), or `None` when
+                the noise scale is off.
         """
         self.variables = list(trainable_variables)
         self.gradients = [
@@ -158,7 +159,7 @@ class GradientAccumulator:
                 initializer=lambda shape, dtype: keras.ops.convert_to_tensor(
                     state, dtype=dtype
                 ),
-                shape=(noise_scale.STATE_SIZE,),
+                shape=state.shape,
                 dtype=normaliser_dtype,
                 trainable=False,
                 name="noise_scale_state",

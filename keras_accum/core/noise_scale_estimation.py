@@ -31,8 +31,10 @@ class NoiseScaleEstimation:
     def noise_scale_estimate(self):
         """The current `NoiseScaleEstimate`, smoothed over windows.
 
-        `None` when `noise_scale` is off, and before the first applied
-        window of at least two micro-batches.
+        `None` when `noise_scale` is off, and until every block of the
+        weights has been read: each window of at least two micro-batches
+        reads one of 8 (`noise_scale.BLOCKS`), so after the eighth such
+        window (the first, with `accumulate="epoch"`).
         """
         state = self._noise_scale_state()
         return None if state is None else noise_scale.estimate(state)
@@ -53,8 +55,15 @@ class NoiseScaleEstimation:
         if accumulator.built and accumulator.noise_state is not None:
             return np.asarray(self._read_array(accumulator.noise_state))
         if self._noise_state is None:
-            return np.zeros(noise_scale.STATE_SIZE)
+            return self._empty_noise_state()
         return self._noise_state
+
+    def _empty_noise_state(self):
+        """The state before any window: zeros, one block per window of a
+        whole epoch (`noise_scale.blocks_for`)."""
+        return np.zeros(noise_scale.state_size(
+            noise_scale.blocks_for(self._schedule.value)
+        ))
 
     def _initial_noise_state(self):
         """The state accumulators built now start from (`None`: off).
@@ -68,7 +77,7 @@ class NoiseScaleEstimation:
         if not self._noise_scale:
             return None
         if self._accumulator.built:
-            return np.zeros(noise_scale.STATE_SIZE)
+            return self._empty_noise_state()
         return self._noise_scale_state()
 
     def save_own_variables(self, store):
@@ -82,6 +91,15 @@ class NoiseScaleEstimation:
         if _STATE_KEY in keys:
             state = np.asarray(store[_STATE_KEY])
             store = {k: store[k] for k in keys if k != _STATE_KEY}
+            expected = self._empty_noise_state().shape
+            if self._noise_scale and state.shape != expected:
+                raise ValueError(
+                    "The saved noise-scale state does not fit this model: "
+                    f"it has shape {state.shape}, this model's has shape "
+                    f"{expected} (saved by another version of keras_accum, "
+                    "or with another `accumulate`). Received: a state of "
+                    f"shape {state.shape}"
+                )
             if self._noise_scale:
                 self._noise_state = state
                 accumulator = self._accumulator

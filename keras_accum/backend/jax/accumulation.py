@@ -244,11 +244,14 @@ class JAXBatchAccumulation:
         )
         if window.noise:
             # The set's gradients as added (one set: `noise_scale` refuses
-            # more); XLA fuses the squared norm into the adds.
+            # more): the window's block of them.
             noise_sums, state = window.noise
             window = window._replace(noise=[
                 noise_sums + noise_scale.micro_batch_sums(
-                    noise_scale.squared_norm(term_gradients[0]),
+                    noise_scale.block_squared_norm(
+                        term_gradients[0], noise_scale.window_block(state),
+                        noise_scale.blocks_of(state), noise_sums.dtype,
+                    ),
                     normalisers[0],
                 ),
                 state,

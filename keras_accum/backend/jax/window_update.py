@@ -45,7 +45,11 @@ class JAXWindowUpdate:
                 window = window._replace(noise=[
                     sums,
                     noise_scale.updated_state(
-                        state, sums, noise_scale.squared_norm(gradients),
+                        state, sums,
+                        noise_scale.block_squared_norm(
+                            gradients, noise_scale.window_block(state),
+                            noise_scale.blocks_of(state), state.dtype,
+                        ),
                         window.normalisers[0], window.mini_step,
                     ),
                 ])

@@ -168,11 +168,15 @@ class TensorFlowWindowUpdate:
         if noise_sums is not None:
 
             def observe(window_gradient):
+                state = tf.convert_to_tensor(accumulator.noise_state.value)
                 accumulator.noise_state.value.assign(
                     noise_scale.updated_state(
-                        tf.convert_to_tensor(accumulator.noise_state.value),
+                        state,
                         noise_sums,
-                        noise_scale.squared_norm(window_gradient),
+                        noise_scale.block_squared_norm(
+                            window_gradient, noise_scale.window_block(state),
+                            noise_scale.blocks_of(state), state.dtype,
+                        ),
                         normalisers[0],
                         accumulator.mini_step.value,
                     ),

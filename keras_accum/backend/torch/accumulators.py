@@ -48,15 +48,14 @@ class TorchGradientAccumulator(GradientAccumulator):
         self.normalisers.value.add_(normalisers)
         if self.noise_sums is not None:
             # One set (`noise_scale` refuses more): `added` is its
-            # gradient, whose squared norm is one fused call.
-            # `noise_scale.micro_batch_sums` in torch: its `keras.ops`
-            # dispatch costs 4x these calls per micro-step.
+            # gradient, of which the window's block is read (views, one
+            # fused call). `noise_scale.micro_batch_sums` in torch: its
+            # `keras.ops` dispatch costs 4x these calls per micro-step.
             size = normalisers[0]
             non_empty = size > noise_scale.EMPTY
+            norm = squared_norm(self._noise_block_pieces(added))
             self.noise_sums.value.add_(torch.stack([
-                torch.where(
-                    non_empty, squared_norm(added).to(size.dtype) / size, 0.0
-                ),
+                torch.where(non_empty, norm.to(size.dtype) / size, 0.0),
                 non_empty.to(size.dtype),
             ]))
 
@@ -107,6 +106,15 @@ class TorchGradientAccumulator(GradientAccumulator):
         if self.noise_sums is not None:
             self.noise_sums.value.zero_()
 
+    def _noise_block_pieces(self, tensors):
+        """Views of the block the window reads (one read of the state)."""
+        state = self.noise_state.value
+        # Plain torch: `keras.ops` dispatch costs more than the read.
+        return block_pieces(
+            tensors, int(state[noise_scale.BLOCK]),
+            noise_scale.blocks_of(state),
+        )
+
     @torch.no_grad()
     def update_noise_scale(self, window_gradient):
         """Updates the noise scale's moving averages from the gradient the
@@ -114,10 +122,26 @@ class TorchGradientAccumulator(GradientAccumulator):
         self.noise_state.value.copy_(noise_scale.updated_state(
             self.noise_state.value,
             self.noise_sums.value,
-            squared_norm([g for g in window_gradient if g is not None]),
+            squared_norm(self._noise_block_pieces(
+                [g for g in window_gradient if g is not None]
+            )),
             self.normalisers.value[0],
             self.mini_step.value,
         ))
+
+
+def block_pieces(tensors, block, blocks):
+    """Views of block `block` of `blocks` (see `noise_scale.block_size`)
+    of each tensor: a slice of it, and for the last block the rest too."""
+    pieces = []
+    for tensor in tensors:
+        flat = tensor.reshape(-1)
+        c = noise_scale.block_size(flat.numel(), blocks)
+        if block < blocks - 1:
+            pieces.append(flat[block * c:(block + 1) * c])
+        else:
+            pieces.append(flat[block * c:])
+    return pieces
 
 
 def squared_norm(tensors):
