@@ -533,6 +533,21 @@ def test_save_and_load_keep_noise_scale_and_estimate(tmp_path, arguments):
         assert restored.noise_scale_estimate is None
 
 
+def test_state_of_another_shape_is_refused_on_load(tmp_path):
+    """Windows of an epoch keep one block's averages, counted windows
+    eight: weights saved by one do not load into the other silently."""
+    x, y = _data(MEASURED_EXAMPLES)
+    saved = _compiled(accumulate="epoch", noise_scale=True)
+    _fit(saved, x, y, epochs=1)
+    path = tmp_path / "epoch.weights.h5"
+    saved.save_weights(path)
+    other = _compiled(accumulate=5, noise_scale=True)
+    with pytest.raises(ValueError,
+                       match=r"noise-scale state .* shape \(6,\).* shape "
+                       r"\(27,\)"):
+        other.load_weights(path)
+
+
 @pytest.mark.usefixtures("float64")
 def test_loaded_estimate_survives_building_the_accumulators(tmp_path):
     """The loaded state seeds the accumulators' variable exactly: a window
