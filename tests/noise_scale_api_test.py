@@ -30,12 +30,12 @@ LOG_KEYS = ("noise_scale", "noise_scale_trace", "noise_scale_grad_sq")
 # 100 examples in batches of 8: 13 batches, the last one ragged (4).
 EXAMPLES, BATCH = 100, 8
 # The estimate exists once each of the `BLOCKS` blocks has been measured:
-# the w-th applied window reads block `w mod BLOCKS`, and only a window of
-# two micro-batches or more measures (windows of a whole epoch read one
-# block, the whole gradient). 340 examples are 43 batches (the last ragged,
-# 4), so one epoch holds at least `BLOCKS` measuring windows one after the
-# other for every window of up to 5 batches: 9 windows of 5 (the last 3),
-# 11 of 4 (the last 3), 15 of 3 (the last 1 batch).
+# the w-th measuring window (two micro-batches or more) reads block
+# `w mod BLOCKS` (windows of a whole epoch read one block, the whole
+# gradient). 340 examples are 43 batches (the last ragged, 4), so one
+# epoch holds at least `BLOCKS` measuring windows for every window of up
+# to 5 batches: 9 windows of 5 (the last 3), 11 of 4 (the last 3), 15 of
+# 3 (the last 1 batch).
 BLOCKS = 8
 MEASURED_EXAMPLES = 340
 
