@@ -803,11 +803,13 @@ MUTANTS = (
         backend="jax",
     ),
     Mutant(
-        # The remainder of a small variable's last block left out.
+        # The remainder of a variable's last block left out (the bounds
+        # TensorFlow's small-variable table and torch's views read).
         "noise-scale-remainder-dropped",
-        "keras_accum/backend/tensorflow/accumulators.py",
-        "            stop = size if q == blocks - 1 else (q + 1) * c\n",
-        "            stop = (q + 1) * c\n",
+        "keras_accum/core/noise_scale.py",
+        "    return block * c, (size if block == blocks - 1 else "
+        "(block + 1) * c)\n",
+        "    return block * c, (block + 1) * c\n",
         (f"{T_ONE_WINDOW}[ragged]",),
     ),
     Mutant(

@@ -113,6 +113,13 @@ def block_size(size, blocks):
     return int(size) // blocks
 
 
+def block_bounds(size, block, blocks):
+    """`(start, stop)`: the flat elements of block `block` (a Python int)
+    of a variable of `size` elements (see `block_size`)."""
+    c = block_size(size, blocks)
+    return block * c, (size if block == blocks - 1 else (block + 1) * c)
+
+
 class NoiseScaleEstimate(collections.namedtuple(
     "NoiseScaleEstimate",
     ["noise_scale", "trace", "grad_sq", "batch_normaliser"],

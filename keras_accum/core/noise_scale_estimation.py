@@ -91,16 +91,16 @@ class NoiseScaleEstimation:
         if _STATE_KEY in keys:
             state = np.asarray(store[_STATE_KEY])
             store = {k: store[k] for k in keys if k != _STATE_KEY}
-            expected = self._empty_noise_state().shape
-            if self._noise_scale and state.shape != expected:
-                raise ValueError(
-                    "The saved noise-scale state does not fit this model: "
-                    f"it has shape {state.shape}, this model's has shape "
-                    f"{expected} (saved by another version of keras_accum, "
-                    "or with another `accumulate`). Received: a state of "
-                    f"shape {state.shape}"
-                )
             if self._noise_scale:
+                expected = self._empty_noise_state().shape
+                if state.shape != expected:
+                    raise ValueError(
+                        "The saved noise-scale state does not fit this "
+                        f"model: it has shape {state.shape}, this model's "
+                        f"has shape {expected} (saved by another version "
+                        "of keras_accum, or with another `accumulate`). "
+                        f"Received: a state of shape {state.shape}"
+                    )
                 self._noise_state = state
                 accumulator = self._accumulator
                 if accumulator.built and accumulator.noise_state is not None:

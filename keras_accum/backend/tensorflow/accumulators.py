@@ -175,10 +175,9 @@ def _block_table(sizes, blocks):
     rows = [[] for _ in range(blocks)]
     offset = 0
     for size in sizes:
-        c = noise_scale.block_size(size, blocks)
         for q in range(blocks):
-            stop = size if q == blocks - 1 else (q + 1) * c
-            rows[q].append(np.arange(offset + q * c, offset + stop))
+            start, stop = noise_scale.block_bounds(size, q, blocks)
+            rows[q].append(np.arange(offset + start, offset + stop))
         offset += size
     rows = [np.concatenate(row) for row in rows]
     table = np.full((blocks, max(len(row) for row in rows)), offset)

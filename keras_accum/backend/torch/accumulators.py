@@ -136,11 +136,8 @@ def block_pieces(tensors, block, blocks):
     pieces = []
     for tensor in tensors:
         flat = tensor.reshape(-1)
-        c = noise_scale.block_size(flat.numel(), blocks)
-        if block < blocks - 1:
-            pieces.append(flat[block * c:(block + 1) * c])
-        else:
-            pieces.append(flat[block * c:])
+        start, stop = noise_scale.block_bounds(flat.numel(), block, blocks)
+        pieces.append(flat[start:stop])
     return pieces
 
 
