@@ -20,6 +20,10 @@ Usage (from the repository root; ~2-4 minutes per backend on 2 cores):
     python benchmarks/noise_scale_cost.py --profile
     # Rewrite <backend>.md from <backend>.json:
     python benchmarks/noise_scale_cost.py --report-only
+    # Another `jit_compile` than the backend's default (TensorFlow under
+    # XLA, as on a GPU), into <backend>_jit_compile_on.json and .md:
+    KERAS_BACKEND=tensorflow python benchmarks/noise_scale_cost.py \
+        --jit-compile on
 
 Writes `benchmarks/results/noise_scale/<backend>.json` (every epoch) and
 `<backend>.md` (the table), or under `--out`. Sizes per backend are the
@@ -53,12 +57,19 @@ ON = {"method": "keras_accum_noise", "k": config.NOISE_SCALE_K}
 MODEL_LABELS = {"mlp": "MLP", "transformer": "Transformer"}
 
 
-def _settings(rounds=None, optimizers=None):
-    micro_batch, jit_compile = {
-        "tensorflow": (config.MICRO_BATCH, False),
-        "jax": (config.JAX_MICRO_BATCH, True),
-        "torch": (config.TORCH_MICRO_BATCH, False),
-    }[BACKEND]
+#: Each backend's micro-batch and `jit_compile`: those of its main run
+#: (Keras' own default on a CPU, but for JAX, which runs eagerly without).
+DEFAULTS = {
+    "tensorflow": (config.MICRO_BATCH, False),
+    "jax": (config.JAX_MICRO_BATCH, True),
+    "torch": (config.TORCH_MICRO_BATCH, False),
+}
+
+
+def _settings(rounds=None, optimizers=None, jit_compile=None):
+    micro_batch, default_jit_compile = DEFAULTS[BACKEND]
+    if jit_compile is None:
+        jit_compile = default_jit_compile
     return {
         "backend": BACKEND,
         "k": config.NOISE_SCALE_K,
@@ -146,10 +157,20 @@ def compare(rows):
     }
 
 
+def _stem(jit_compile):
+    """The results' file name: `<backend>`, or with `_jit_compile_<on|off>`
+    where `jit_compile` is not the backend's default."""
+    if jit_compile == DEFAULTS[BACKEND][1]:
+        return BACKEND
+    return f"{BACKEND}_jit_compile_{'on' if jit_compile else 'off'}"
+
+
 def markdown(data):
     settings = data["settings"]
     lines = [
-        f"# Cost of `noise_scale=True`: {BACKEND}",
+        f"# Cost of `noise_scale=True`: {BACKEND}"
+        + ("" if settings["jit_compile"] == DEFAULTS[BACKEND][1]
+           else f", `jit_compile={settings['jit_compile']}`"),
         "",
         (f"Generated {data['generated']} by `{data['command']}`; "
          f"keras_accum {data['library'].get('git_commit')} (package sha256 "
@@ -261,12 +282,21 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(
         HERE, "results", "noise_scale"),
         help="directory of <backend>.json and <backend>.md")
+    parser.add_argument("--jit-compile", choices=("on", "off"),
+                        default=None,
+                        help="override the backend's `jit_compile` "
+                             "(TensorFlow: off; JAX: on; torch: off); "
+                             "writes <backend>_jit_compile_<on|off>.*")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the ratios and <backend>.md from "
                              "the epochs in <backend>.json")
     args = parser.parse_args(argv)
+    jit_compile = None if args.jit_compile is None else (
+        args.jit_compile == "on")
+    stem = _stem(DEFAULTS[BACKEND][1] if jit_compile is None
+                 else jit_compile)
     if args.report_only:
-        path = os.path.join(args.out, f"{BACKEND}.json")
+        path = os.path.join(args.out, f"{stem}.json")
         with open(path) as handle:
             data = json.load(handle)
         for model, groups in data["raw"].items():
@@ -274,12 +304,13 @@ def main(argv=None):
                 data["results"][model][optimizer] = compare(rows)
         with open(path, "w") as handle:
             json.dump(data, handle, indent=1)
-        with open(os.path.join(args.out, f"{BACKEND}.md"), "w") as handle:
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as handle:
             handle.write(markdown(data))
         print(markdown(data))
         return 0
     settings = _settings(
-        args.rounds, args.optimizers and args.optimizers.split(",")
+        args.rounds, args.optimizers and args.optimizers.split(","),
+        jit_compile,
     )
     if args.profile:
         return profile(settings, args.out)
@@ -338,9 +369,9 @@ def main(argv=None):
         shutil.rmtree(os.path.dirname(library["snapshot"]),
                       ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{BACKEND}.json"), "w") as handle:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as handle:
         json.dump(data, handle, indent=1)
-    with open(os.path.join(args.out, f"{BACKEND}.md"), "w") as handle:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as handle:
         handle.write(markdown(data))
     print(markdown(data))
     return 0

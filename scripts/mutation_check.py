@@ -827,17 +827,48 @@ MUTANTS = (
         # A sparse gradient's squared norm over its rows as listed: a token
         # repeated in a micro-batch is counted apart.
         "noise-scale-sparse-rows-not-summed",
-        "keras_accum/backend/tensorflow/accumulators.py",
+        "keras_accum/backend/tensorflow/block_norms.py",
         "    rows, index = tf.unique(gradient.indices)\n"
         "    values = tf.math.unsorted_segment_sum(\n"
         "        gradient.values, index, tf.shape(rows)[0]\n"
         "    )\n",
         "    rows = gradient.indices\n"
         "    values = gradient.values\n",
+        (f"{T_ONE_WINDOW}[masked-tokens]",),
+    ),
+    Mutant(
+        # A large variable's block read by `tf.slice`: under XLA its start
+        # is a compile-time constant, and each window compiles again.
+        "noise-scale-xla-block-slice",
+        "keras_accum/backend/tensorflow/block_norms.py",
+        "        totals.append(tf.reduce_sum(tf.square(tf.gather(rows, "
+        "block))))\n",
+        "        totals.append(tf.reduce_sum(tf.square(tf.slice(flat, "
+        "[block * c], [c]))))\n",
         (
-            f"{T_ONE_WINDOW}[masked-tokens]",
-            f"{T_ONE_WINDOW}[whole-row-blocks]",
+            "tests/noise_scale_api_test.py::"
+            "test_xla_functions_are_compiled_once_for_every_window",
         ),
+    ),
+    Mutant(
+        # A large variable's remainder (after its `blocks` rows) left out
+        # of its last block.
+        "noise-scale-tf-large-remainder-dropped",
+        "keras_accum/backend/tensorflow/block_norms.py",
+        "        if size > blocks * c:\n",
+        "        if size < 0:\n",
+        (f"{T_ONE_WINDOW}[wide-layer]",),
+    ),
+    Mutant(
+        # A sparse gradient in blocks of whole rows: the last block's
+        # remainder rows left out.
+        "noise-scale-sparse-remainder-rows-dropped",
+        "keras_accum/backend/tensorflow/block_norms.py",
+        "                    tf.cast(start + block_rows, indices.dtype), "
+        "start + rows)\n",
+        "                    tf.cast(start + rows, indices.dtype), "
+        "start + rows)\n",
+        (f"{T_ONE_WINDOW}[whole-row-blocks]",),
     ),
     Mutant(
         # The window's running sums instead of the micro-batch's gradient.

@@ -548,6 +548,44 @@ def test_state_of_another_shape_is_refused_on_load(tmp_path):
         other.load_weights(path)
 
 
+@pytest.mark.tensorflow_only
+def test_xla_functions_are_compiled_once_for_every_window():
+    """Under `jit_compile` TensorFlow runs the micro-step and the window's
+    update as two XLA functions. The block a window reads comes from the
+    noise scale's state; were it a compile-time constant (the start of a
+    `tf.slice` is one), XLA would bake the state into the program and
+    compile both again at every window, each compile costing hundreds of
+    micro-steps. Their programs must not change as windows pass."""
+    import tensorflow as tf
+
+    inputs = keras.Input((256,))
+    # 32,768 weights: blocks of 4,096, read as a large variable.
+    model = AccumulatingModel(inputs, keras.layers.Dense(128)(inputs),
+                              accumulate=2, noise_scale=True)
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 256)).astype("float32")
+    y = rng.normal(size=(64, 128)).astype("float32")
+    functions = model._functions
+    batch = (tf.constant(x[:BATCH]), tf.constant(y[:BATCH]))
+    window = (tf.constant([8.0]), tf.constant([1.0, 2.0]),
+              model._window_plan)
+
+    def programs():
+        return (
+            functions.xla_batch_step.experimental_get_compiler_ir(batch)(
+                stage="hlo"),
+            functions.xla_window_update.experimental_get_compiler_ir(
+                *window)(stage="hlo"),
+        )
+
+    _fit(model, x, y, epochs=1)
+    first = programs()
+    _fit(model, x, y, epochs=1)  # Four windows on: another block.
+    assert model.noise_scale_estimate is not None
+    assert programs() == first
+
+
 @pytest.mark.usefixtures("float64")
 def test_loaded_estimate_survives_building_the_accumulators(tmp_path):
     """The loaded state seeds the accumulators' variable exactly: a window

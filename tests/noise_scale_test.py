@@ -349,10 +349,11 @@ def _mlp_graph():
 
 def _wide_graph():
     """A hidden layer wide enough that its kernel's blocks are read one
-    by one (`5 x 8192` entries: blocks of 5120)."""
+    by one (`5 x 8191` entries: blocks of 5119, the last 5122 with the
+    remainder)."""
     inputs = keras.Input((FEATURES,))
     hidden = keras.layers.Dense(
-        8192, activation="tanh",
+        8191, activation="tanh",
         kernel_initializer=keras.initializers.GlorotUniform(seed=1),
     )(inputs)
     outputs = keras.layers.Dense(
@@ -364,8 +365,8 @@ def _wide_graph():
 def _tagger_graph(vocabulary=VOCABULARY):
     """Masked token tagging (a sparse gradient on TensorFlow, with repeated
     tokens), per-token logits. The embedding has `vocabulary x 4` entries:
-    with 7 rows its blocks (of 3 entries) cut rows apart, with 16 each
-    block is two whole rows."""
+    with 7 rows its blocks (of 3 entries) cut rows apart, with 17 each
+    block is two whole rows and the last three (its remainder)."""
     return helpers.masked_tagger_graph(
         LENGTH, vocabulary, CLASSES, 4,
         (
@@ -495,7 +496,7 @@ def _make_case(name):
     if name == "wide-layer":
         return _Case(_wide_graph, (x, y, None, ones), cce, ragged, _count, 6)
     if name in ("masked-tokens", "whole-row-blocks"):
-        vocabulary = VOCABULARY if name == "masked-tokens" else 16
+        vocabulary = VOCABULARY if name == "masked-tokens" else 17
         tokens, tags, valid = _tagger_data(vocabulary)
         return _Case(lambda: _tagger_graph(vocabulary),
                      (tokens, tags, None, valid), cce, ragged,

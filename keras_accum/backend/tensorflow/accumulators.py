@@ -4,11 +4,9 @@ Replica-local (`ON_READ`) variables: a micro-step adds into its own
 replica's copy and needs no communication.
 """
 
-import functools
-
-import numpy as np
 import tensorflow as tf
 
+from keras_accum.backend.tensorflow import block_norms
 from keras_accum.core import noise_scale
 from keras_accum.core.accumulators import GradientAccumulator
 
@@ -59,7 +57,7 @@ class TensorFlowGradientAccumulator(GradientAccumulator):
             state = tf.convert_to_tensor(self.noise_state.value)
             self.noise_sums.value.assign_add(
                 noise_scale.micro_batch_sums(
-                    _block_squared_norm(
+                    block_norms.block_squared_norm(
                         term_gradients[0],
                         [a.value.shape for a in self.gradients[0]],
                         noise_scale.window_block(state),
@@ -123,96 +121,3 @@ class TensorFlowGradientAccumulator(GradientAccumulator):
             variable.value.assign(
                 tf.zeros(variable.shape, variable.dtype), read_value=False
             )
-
-
-def _block_squared_norm(gradients, shapes, block, blocks, dtype):
-    """The squared norm of block `block` (scalar int32 tensor) of `blocks`
-    (see `noise_scale.block_size`) of gradients (`None` skipped) of
-    variables of static `shapes`, in `dtype`.
-
-    Reads that block only, in few ops (each op costs about as much to
-    launch as a small variable's block to read): a slice of each large
-    dense gradient, one gather from all the small ones at once, and a
-    sparse one's rows in the block.
-    """
-    totals, small, sizes = [], [], []
-    for gradient, shape in zip(gradients, shapes):
-        if gradient is None:
-            continue
-        size = shape.num_elements()
-        c = noise_scale.block_size(size, blocks)
-        if isinstance(gradient, tf.IndexedSlices):
-            totals.append(_sparse_block_squared_norm(
-                gradient, shape, block, blocks, dtype
-            ))
-            continue
-        flat = tf.cast(tf.reshape(gradient, [size]), dtype)
-        if c < noise_scale.SMALL_BLOCK:
-            small.append(flat)
-            sizes.append(size)
-            continue
-        # Static sizes, as XLA needs: the block's `c` entries, and the rest
-        # of the variable when the block is the last.
-        totals.append(tf.reduce_sum(tf.square(tf.slice(flat, [block * c],
-                                                       [c]))))
-        if size > blocks * c:
-            last = tf.cast(tf.equal(block, blocks - 1), dtype)
-            totals.append(last * tf.reduce_sum(tf.square(flat[blocks * c:])))
-    if small:
-        # A trailing zero for the index table's padding.
-        values = tf.concat(small + [tf.zeros((1,), dtype)], axis=0)
-        table = tf.constant(_block_table(tuple(sizes), blocks))
-        piece = tf.gather(values, tf.gather(table, block))
-        totals.append(tf.reduce_sum(tf.square(piece)))
-    return tf.add_n(totals) if totals else tf.zeros((), dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _block_table(sizes, blocks):
-    """`(blocks, length)` int32: row `q` lists the entries of block `q` of
-    variables of `sizes` concatenated flat, padded with the index of the
-    entry after them."""
-    rows = [[] for _ in range(blocks)]
-    offset = 0
-    for size in sizes:
-        for q in range(blocks):
-            start, stop = noise_scale.block_bounds(size, q, blocks)
-            rows[q].append(np.arange(offset + start, offset + stop))
-        offset += size
-    rows = [np.concatenate(row) for row in rows]
-    table = np.full((blocks, max(len(row) for row in rows)), offset)
-    for q, row in enumerate(rows):
-        table[q, :len(row)] = row
-    return table.astype(np.int32)
-
-
-def _sparse_block_squared_norm(gradient, shape, block, blocks, dtype):
-    """`_block_squared_norm` of a sparse gradient: its rows summed per
-    index first, as its dense form holds them, and each row's entries
-    outside the block left out (a block is a range of the flattened
-    variable, so a row's entries in it are a range of its columns)."""
-    size = shape.num_elements()
-    c = noise_scale.block_size(size, blocks)
-    start = tf.cast(block, tf.int64) * c
-    stop = tf.where(tf.equal(block, blocks - 1), tf.constant(size, tf.int64),
-                    start + c)
-    rows, index = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(
-        gradient.values, index, tf.shape(rows)[0]
-    )
-    row_size = shape[1:].num_elements()
-    values = tf.cast(tf.reshape(values, [-1, row_size]), dtype)
-    first = tf.cast(rows, tf.int64) * row_size
-    if c % row_size == 0:
-        # Blocks of whole rows: a row is in the block or not.
-        inside = tf.logical_and(first >= start, first < stop)
-        squares = tf.reduce_sum(tf.square(values), axis=1)
-        return tf.reduce_sum(tf.where(inside, squares, tf.zeros_like(squares)))
-    # The block's columns of each row, `[low, high)`.
-    low = tf.cast(tf.clip_by_value(start - first, 0, row_size), tf.int32)
-    high = tf.cast(tf.clip_by_value(stop - first, 0, row_size), tf.int32)
-    columns = tf.range(row_size)[None, :]
-    inside = tf.logical_and(columns >= low[:, None], columns < high[:, None])
-    return tf.reduce_sum(
-        tf.square(tf.where(inside, values, tf.zeros_like(values)))
-    )

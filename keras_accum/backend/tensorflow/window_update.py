@@ -6,6 +6,7 @@ import functools
 
 import tensorflow as tf
 
+from keras_accum.backend.tensorflow import block_norms
 from keras_accum.backend.tensorflow import clipping
 from keras_accum.core import noise_scale
 from keras_accum.core import window as core_window
@@ -173,8 +174,10 @@ class TensorFlowWindowUpdate:
                     noise_scale.updated_state(
                         state,
                         noise_sums,
-                        noise_scale.block_squared_norm(
-                            window_gradient, noise_scale.window_block(state),
+                        block_norms.block_squared_norm(
+                            window_gradient,
+                            [a.value.shape for a in accumulator.gradients[0]],
+                            noise_scale.window_block(state),
                             noise_scale.blocks_of(state), state.dtype,
                         ),
                         normalisers[0],
