@@ -585,12 +585,15 @@ def _plain_keras_stays_finite(case):
 
 
 @pytest.mark.tensorflow_only
-def test_mirrored_replica_shards_are_micro_batches():
+@pytest.mark.parametrize("graph", [_mlp_graph, _wide_graph],
+                         ids=["small-variables", "wide-layer"])
+def test_mirrored_replica_shards_are_micro_batches(graph):
     """Under `MirroredStrategy` over 2 devices, a global batch of 8 with a
     window of 3 measures what one device measures with batches of 4 and a
     window of 6 (each replica's shard is a micro-batch), and both equal
     the per-example reference (1e-9). Sample weights summed by the loss
-    make the shards' normalisers unequal, a zero-weight shard included."""
+    make the shards' normalisers unequal, a zero-weight shard included.
+    The wide layer's kernel is read block by block as a large variable."""
     import tensorflow as tf
 
     x, y = _mlp_data(48)
@@ -599,7 +602,7 @@ def test_mirrored_replica_shards_are_micro_batches():
     loss = keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction="mean_with_sample_weight"
     )
-    case = _Case(_mlp_graph, (x, y, weights, weights), loss,
+    case = _Case(graph, (x, y, weights, weights), loss,
                  _ranges([4] * 12), np.sum, 6, batch_size=4)
     strategy = tf.distribute.MirroredStrategy(
         ["/cpu:0", "/cpu:1"],
