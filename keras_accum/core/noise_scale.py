@@ -195,7 +195,11 @@ def block_squared_norm(gradients, block, blocks, dtype):
 
     Reads that block only: a dynamic slice of each large tensor, reduced
     on its own (XLA fuses the slice into the reduction), and the small
-    tensors' pieces gathered into one vector, reduced once.
+    tensors' pieces gathered into one vector, reduced once. JAX's step
+    reads the block here; TensorFlow reads it in `backend/tensorflow/
+    block_norms.py` (no slice at a traced start, sparse gradients) and
+    torch in views of the flat tensors (`block_pieces`), both by the same
+    `block_bounds`.
     """
     last = ops.cast(ops.equal(block, blocks - 1), dtype)
     total = ops.zeros((), dtype)

@@ -54,20 +54,28 @@ class TensorFlowGradientAccumulator(GradientAccumulator):
         if self.noise_sums is not None:
             # The set's gradients as added (one set: `noise_scale` refuses
             # more): the window's block of them.
-            state = tf.convert_to_tensor(self.noise_state.value)
             self.noise_sums.value.assign_add(
                 noise_scale.micro_batch_sums(
-                    block_norms.block_squared_norm(
+                    self.noise_block_squared_norm(
                         term_gradients[0],
-                        [a.value.shape for a in self.gradients[0]],
-                        noise_scale.window_block(state),
-                        noise_scale.blocks_of(state),
-                        self.noise_sums.dtype,
+                        tf.convert_to_tensor(self.noise_state.value),
                     ),
                     normalisers[0],
                 ),
                 read_value=False,
             )
+
+    def noise_block_squared_norm(self, gradients, state):
+        """The squared norm of the block the window reads (`state`'s) of
+        the measured set's gradients, a micro-batch's or the window's, in
+        the noise scale's dtype."""
+        return block_norms.block_squared_norm(
+            gradients,
+            [a.value.shape for a in self.gradients[0]],
+            noise_scale.window_block(state),
+            noise_scale.blocks_of(state),
+            self.noise_state.dtype,
+        )
 
     def count_micro_batch(self):
         """Counts one micro-batch of the window, added or skipped."""

@@ -46,22 +46,24 @@ def block_squared_norm(gradients, shapes, block, blocks, dtype):
                 gradient, shape, block, blocks, dtype
             ))
             continue
-        flat = tf.cast(tf.reshape(gradient, [size]), dtype)
+        flat = tf.reshape(gradient, [size])
         if c < noise_scale.SMALL_BLOCK:
-            small.append(flat)
+            small.append(tf.cast(flat, dtype))
             sizes.append(size)
             continue
         # The block's `c` entries as a row of a `(blocks, c)` view, and
         # the rest of the variable when the block is the last. A gather,
         # not `tf.slice`: under XLA a slice's start is a compile-time
         # constant, so the step would be compiled again for every value
-        # of the state it is read from, i.e. every window.
+        # of the state it is read from, i.e. every window. Cast once
+        # read: a half-precision gradient is not copied whole.
         head = flat if size == blocks * c else flat[:blocks * c]
-        rows = tf.reshape(head, [blocks, c])
-        totals.append(tf.reduce_sum(tf.square(tf.gather(rows, block))))
+        piece = tf.gather(tf.reshape(head, [blocks, c]), block)
+        totals.append(tf.reduce_sum(tf.square(tf.cast(piece, dtype))))
         if size > blocks * c:
             last = tf.cast(tf.equal(block, blocks - 1), dtype)
-            totals.append(last * tf.reduce_sum(tf.square(flat[blocks * c:])))
+            rest = tf.cast(flat[blocks * c:], dtype)
+            totals.append(last * tf.reduce_sum(tf.square(rest)))
     if small:
         # A trailing zero for the index table's padding.
         values = tf.concat(small + [tf.zeros((1,), dtype)], axis=0)

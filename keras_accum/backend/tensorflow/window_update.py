@@ -6,7 +6,6 @@ import functools
 
 import tensorflow as tf
 
-from keras_accum.backend.tensorflow import block_norms
 from keras_accum.backend.tensorflow import clipping
 from keras_accum.core import noise_scale
 from keras_accum.core import window as core_window
@@ -174,11 +173,8 @@ class TensorFlowWindowUpdate:
                     noise_scale.updated_state(
                         state,
                         noise_sums,
-                        block_norms.block_squared_norm(
-                            window_gradient,
-                            [a.value.shape for a in accumulator.gradients[0]],
-                            noise_scale.window_block(state),
-                            noise_scale.blocks_of(state), state.dtype,
+                        accumulator.noise_block_squared_norm(
+                            window_gradient, state
                         ),
                         normalisers[0],
                         accumulator.mini_step.value,
