@@ -291,10 +291,11 @@ def main(argv=None):
                         help="recompute the ratios and <backend>.md from "
                              "the epochs in <backend>.json")
     args = parser.parse_args(argv)
-    jit_compile = None if args.jit_compile is None else (
-        args.jit_compile == "on")
-    stem = _stem(DEFAULTS[BACKEND][1] if jit_compile is None
-                 else jit_compile)
+    settings = _settings(
+        args.rounds, args.optimizers and args.optimizers.split(","),
+        None if args.jit_compile is None else args.jit_compile == "on",
+    )
+    stem = _stem(settings["jit_compile"])
     if args.report_only:
         path = os.path.join(args.out, f"{stem}.json")
         with open(path) as handle:
@@ -308,10 +309,6 @@ def main(argv=None):
             handle.write(markdown(data))
         print(markdown(data))
         return 0
-    settings = _settings(
-        args.rounds, args.optimizers and args.optimizers.split(","),
-        jit_compile,
-    )
     if args.profile:
         return profile(settings, args.out)
     library = run.snapshot_library()
